@@ -1,0 +1,3 @@
+"""fedhpc: federated learning across supercomputers."""
+
+__version__ = "0.1.0"
