@@ -37,8 +37,8 @@ def _plugin(name: str) -> str:
 
 def generate(out_dir: Path) -> None:
     """Run protoc over every .proto into out_dir (flat), with imports rewritten."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_DIR.glob("*.proto"))
@@ -75,12 +75,12 @@ def _generated_files(directory: Path) -> dict[str, str]:
     }
 
 
-def check() -> int:
+def check(stub_dir: Path = STUB_DIR) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fresh_dir = Path(tmp) / "v1"
         generate(fresh_dir)
         fresh = _generated_files(fresh_dir)
-        committed = _generated_files(STUB_DIR) if STUB_DIR.is_dir() else {}
+        committed = _generated_files(stub_dir) if stub_dir.is_dir() else {}
     stale = False
     for name in sorted(set(fresh) | set(committed)):
         if fresh.get(name) != committed.get(name):
@@ -102,11 +102,18 @@ def check() -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="compare with a fresh generation, change nothing")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="compare with a fresh generation, change nothing"
+    )
+    parser.add_argument(
+        "--stub-dir", type=Path, default=STUB_DIR, help="stubs to --check [services/fedhpc/api/v1]"
+    )
     args = parser.parse_args()
     if args.check:
-        return check()
+        return check(args.stub_dir)
     if STUB_DIR.is_dir():
         for stale in STUB_DIR.iterdir():
             if stale.name.endswith(GENERATED_SUFFIXES):

@@ -14,8 +14,11 @@ One file configures every service::
 Environment variables override the file: ``FEDHPC_`` + the key path in upper
 case with ``__`` between levels, e.g. ``FEDHPC_STORE__BUCKET=models`` or
 ``FEDHPC_REGISTRY__SERVER__PORT=6000``. Values starting with ``[`` or ``{`` are parsed
-as YAML, so ``FEDHPC_REGISTRY__SERVER__AUTH__ADMIN_TOKENS='[t1, t2]'`` gives a list.
-Every error names the offending key.
+as YAML flow collections whose scalars stay strings (pydantic converts them), so
+``FEDHPC_REGISTRY__SERVER__AUTH__ADMIN_TOKENS='[t1, 0042]'`` gives two string tokens.
+Names without ``__`` (``FEDHPC_TOKEN``, ``FEDHPC_REGISTRY``, ``FEDHPC_CONFIG``) are client
+and CLI settings, never configuration keys. Every error names the offending key (and the
+variable it came from).
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "FEDHPC_"
 ENV_CONFIG_FILE = "FEDHPC_CONFIG"
@@ -65,7 +76,9 @@ class S3StoreConfig(_Model):
         default=None,
         description="host:port presigned URLs should name when clients reach S3 at another address.",
     )
-    public_secure: bool | None = Field(default=None, description="HTTPS for public_endpoint (default: secure).")
+    public_secure: bool | None = Field(
+        default=None, description="HTTPS for public_endpoint (default: secure)."
+    )
 
     @field_validator("endpoint", "public_endpoint")
     @classmethod
@@ -83,15 +96,32 @@ class TLSConfig(_Model):
 
     cert_file: Path = Field(description="PEM server certificate chain.")
     key_file: Path = Field(description="PEM private key.")
-    client_ca_file: Path | None = Field(default=None, description="PEM CA bundle for client certificates (mTLS).")
+    client_ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle for client certificates (mTLS)."
+    )
+
+
+def _check_token(token: SecretStr) -> SecretStr:
+    value = token.get_secret_value()
+    # An empty token would match "Bearer " and whitespace cannot travel in the header.
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("a token must be non-empty and contain no whitespace")
+    return token
 
 
 class SiteToken(_Model):
     """A bearer token scoped to one site and (optionally) one experiment."""
 
     token: SecretStr
-    site: str
-    experiment: str = Field(default="*", description="Experiment id the token may act on; '*' = any.")
+    site: str = Field(min_length=1)
+    experiment: str = Field(
+        default="*", min_length=1, description="Experiment id the token may act on; '*' = any."
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _token_ok(cls, value: SecretStr) -> SecretStr:
+        return _check_token(value)
 
 
 class AuthConfig(_Model):
@@ -100,6 +130,23 @@ class AuthConfig(_Model):
     enabled: bool = False
     admin_tokens: list[SecretStr] = Field(default_factory=list, description="Tokens with full access.")
     site_tokens: list[SiteToken] = Field(default_factory=list, description="Per-site tokens.")
+
+    @field_validator("admin_tokens")
+    @classmethod
+    def _admin_tokens_ok(cls, value: list[SecretStr]) -> list[SecretStr]:
+        return [_check_token(token) for token in value]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AuthConfig:
+        if self.enabled and not self.admin_tokens and not self.site_tokens:
+            raise ValueError("auth is enabled but no admin_tokens or site_tokens are configured")
+        # The same token twice would make the caller's identity depend on list order.
+        seen: set[str] = set()
+        for token in [*self.admin_tokens, *(st.token for st in self.site_tokens)]:
+            if token.get_secret_value() in seen:
+                raise ValueError("the same token appears more than once in admin_tokens/site_tokens")
+            seen.add(token.get_secret_value())
+        return self
 
 
 class ServerConfig(_Model):
@@ -122,9 +169,14 @@ class RegistryConfig(_Model):
 
     server: ServerConfig = Field(default_factory=lambda: ServerConfig(port=50051, metrics_port=9101))
     presign_ttl_seconds: int = Field(default=900, ge=10, description="Default lifetime of presigned URLs.")
-    max_presign_ttl_seconds: int = Field(default=6 * 3600, ge=10, description="Upper bound on any URL lifetime.")
+    max_presign_ttl_seconds: int = Field(
+        default=6 * 3600, ge=10, description="Upper bound on any URL lifetime."
+    )
     max_chunk_bytes: int = Field(
-        default=4 << 20, ge=64 << 10, le=64 << 20, description="Largest data chunk in Upload/Download streams."
+        default=4 << 20,
+        ge=64 << 10,
+        le=64 << 20,
+        description="Largest data chunk in Upload/Download streams.",
     )
     upload_ttl_seconds: int = Field(
         default=24 * 3600, ge=60, description="How long an upload may stay uncommitted before it is garbage."
@@ -156,24 +208,36 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _env_paths(env: Mapping[str, str], prefix: str = ENV_PREFIX) -> dict[tuple[str, ...], str]:
+    """Config key path -> variable name, for every FEDHPC_A__B... variable."""
+    paths: dict[tuple[str, ...], str] = {}
+    for name in sorted(env):
+        # Without "__" a variable is a client/CLI setting (FEDHPC_TOKEN, FEDHPC_REGISTRY):
+        # every top-level key is a section, so a config override always has "__".
+        if not name.startswith(prefix) or "__" not in name:
+            continue
+        path = tuple(p.lower() for p in name[len(prefix) :].split("__") if p)
+        if path:
+            paths[path] = name
+    return paths
+
+
 def env_overrides(env: Mapping[str, str], prefix: str = ENV_PREFIX) -> dict[str, Any]:
-    """Nested dict from FEDHPC_A__B=value variables (FEDHPC_CONFIG itself excluded)."""
+    """Nested dict from FEDHPC_A__B=value variables (names without "__" are not config)."""
     tree: dict[str, Any] = {}
-    for name, raw in sorted(env.items()):
-        if not name.startswith(prefix) or name == ENV_CONFIG_FILE:
-            continue
-        path = [p.lower() for p in name[len(prefix) :].split("__") if p]
-        if not path:
-            continue
-        # Only flow collections are parsed; scalars stay strings and pydantic
-        # coerces them, so a secret like "0123" is never turned into a number.
+    for path, name in _env_paths(env, prefix).items():
+        raw = env[name]
+        # Scalars stay strings and pydantic coerces them, so a secret like "0123" is
+        # never turned into a number; BaseLoader keeps that true inside [..] and {..}.
         value: Any = raw
         if raw.strip().startswith(("[", "{")):
             try:
-                value = yaml.safe_load(raw)
+                value = yaml.load(raw, Loader=yaml.BaseLoader)
             except yaml.YAMLError as exc:
-                raise ConfigError(f"environment variable {name} is not a valid YAML list/mapping: {exc}") from exc
-        _set_path(tree, path, value)
+                raise ConfigError(
+                    f"environment variable {name} is not a valid YAML list/mapping: {exc}"
+                ) from exc
+        _set_path(tree, list(path), value)
     return tree
 
 
@@ -187,11 +251,43 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
+def _key_path(loc: tuple[int | str, ...], data: Any) -> tuple[int | str, ...]:
+    """The key path as the user wrote it: pydantic puts the union tag in the location
+    (store.s3.endpoint), the file has none (store.endpoint)."""
+    path: list[int | str] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and part == node.get("kind"):
+            continue
+        path.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(path)
+
+
+def format_validation_error(
+    error: ValidationError,
+    source: str,
+    data: Any = None,
+    env_paths: Mapping[tuple[str, ...], str] | None = None,
+) -> str:
     lines = [f"invalid configuration ({source}):"]
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
-        lines.append(f"  {key}: {item['msg']}")
+        path = _key_path(tuple(item["loc"]), data)
+        key = ".".join(str(p) for p in path) or "<root>"
+        line = f"  {key}: {item['msg']}"
+        for env_path, name in (env_paths or {}).items():
+            # The variable that set this key or one of its parents (or children, for
+            # an unknown or missing section).
+            n = min(len(env_path), len(path))
+            if n and tuple(str(p) for p in path[:n]) == env_path[:n]:
+                line += f" (from {name})"
+                break
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -219,9 +315,12 @@ def load_config(
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping at the top level, not {type(loaded).__name__}"
+            )
         data = loaded
     from_env = env_overrides(env)
+    env_paths = _env_paths(env)
     if from_env:
         source += " + FEDHPC_* environment"
         data = _merge(data, from_env)
@@ -230,4 +329,4 @@ def load_config(
     try:
         return FedhpcConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source, data, env_paths)) from None

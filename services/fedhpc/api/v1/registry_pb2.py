@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from fedhpc.api.v1 import common_pb2 as fedhpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64hpc/v1/registry.proto\x12\tfedhpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16\x66\x65\x64hpc/v1/common.proto\"\xb7\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x06labels\x18\x04 \x03(\x0b\x32\x1c.fedhpc.v1.Model.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa1\x01\n\x12\x43reateModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x39\n\x06labels\x18\x03 \x03(\x0b\x32).fedhpc.v1.CreateModelRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x11ListModelsRequest\x12$\n\x04page\x18\x01 \x01(\x0b\x32\x16.fedhpc.v1.PageRequest\"O\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.fedhpc.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Y\n\x12\x42\x65ginUploadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07presign\x18\x04 \x01(\x08\"\xb6\x01\n\x13\x42\x65ginUploadResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x12\n\nobject_key\x18\x04 \x01(\t\x12\x0f\n\x07put_url\x18\x05 \x01(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmax_chunk_bytes\x18\x07 \x01(\x03\"5\n\x0cUploadHeader\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"P\n\x0bUploadChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedhpc.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"[\n\x0eUploadResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x12\n\nobject_key\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"a\n\x14\x43ommitVersionRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12%\n\x08manifest\x18\x02 \x01(\x0b\x32\x13.fedhpc.v1.Manifest\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\"\x9f\x01\n\x0cModelVersion\x12%\n\x08manifest\x18\x01 \x01(\x0b\x32\x13.fedhpc.v1.Manifest\x12\x12\n\nobject_key\x18\x02 \x01(\t\x12\x0f\n\x07get_url\x18\x03 \x01(\t\x12\x32\n\x0eurl_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61liases\x18\x05 \x03(\t\"F\n\x11GetVersionRequest\x12 \n\x03ref\x18\x01 \x01(\x0b\x32\x13.fedhpc.v1.ModelRef\x12\x0f\n\x07presign\x18\x02 \x01(\x08\"h\n\x0f\x44ownloadRequest\x12 \n\x03ref\x18\x01 \x01(\x0b\x32\x13.fedhpc.v1.ModelRef\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x03\"D\n\rDownloadChunk\x12%\n\x08manifest\x18\x01 \x01(\x0b\x32\x13.fedhpc.v1.Manifest\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"J\n\x13ListVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x04page\x18\x02 \x01(\x0b\x32\x16.fedhpc.v1.PageRequest\"Z\n\x14ListVersionsResponse\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.fedhpc.v1.ModelVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"e\n\x05\x41lias\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x0fSetAliasRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"1\n\x12\x44\x65leteAliasRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x15\n\x13\x44\x65leteAliasResponse\"#\n\x12ListAliasesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"8\n\x13ListAliasesResponse\x12!\n\x07\x61liases\x18\x01 \x03(\x0b\x32\x10.fedhpc.v1.Alias\"g\n\x12PresignBlobRequest\x12\x12\n\nobject_key\x18\x01 \x01(\t\x12(\n\x06method\x18\x02 \x01(\x0e\x32\x18.fedhpc.v1.PresignMethod\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\"R\n\x13PresignBlobResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*_\n\rPresignMethod\x12\x1e\n\x1aPRESIGN_METHOD_UNSPECIFIED\x10\x00\x12\x16\n\x12PRESIGN_METHOD_GET\x10\x01\x12\x16\n\x12PRESIGN_METHOD_PUT\x10\x02\x32\xa5\x07\n\x08Registry\x12>\n\x0b\x43reateModel\x12\x1d.fedhpc.v1.CreateModelRequest\x1a\x10.fedhpc.v1.Model\x12\x38\n\x08GetModel\x12\x1a.fedhpc.v1.GetModelRequest\x1a\x10.fedhpc.v1.Model\x12I\n\nListModels\x12\x1c.fedhpc.v1.ListModelsRequest\x1a\x1d.fedhpc.v1.ListModelsResponse\x12L\n\x0b\x42\x65ginUpload\x12\x1d.fedhpc.v1.BeginUploadRequest\x1a\x1e.fedhpc.v1.BeginUploadResponse\x12=\n\x06Upload\x12\x16.fedhpc.v1.UploadChunk\x1a\x19.fedhpc.v1.UploadResponse(\x01\x12I\n\rCommitVersion\x12\x1f.fedhpc.v1.CommitVersionRequest\x1a\x17.fedhpc.v1.ModelVersion\x12\x43\n\nGetVersion\x12\x1c.fedhpc.v1.GetVersionRequest\x1a\x17.fedhpc.v1.ModelVersion\x12\x42\n\x08\x44ownload\x12\x1a.fedhpc.v1.DownloadRequest\x1a\x18.fedhpc.v1.DownloadChunk0\x01\x12O\n\x0cListVersions\x12\x1e.fedhpc.v1.ListVersionsRequest\x1a\x1f.fedhpc.v1.ListVersionsResponse\x12\x38\n\x08SetAlias\x12\x1a.fedhpc.v1.SetAliasRequest\x1a\x10.fedhpc.v1.Alias\x12L\n\x0b\x44\x65leteAlias\x12\x1d.fedhpc.v1.DeleteAliasRequest\x1a\x1e.fedhpc.v1.DeleteAliasResponse\x12L\n\x0bListAliases\x12\x1d.fedhpc.v1.ListAliasesRequest\x1a\x1e.fedhpc.v1.ListAliasesResponse\x12L\n\x0bPresignBlob\x12\x1d.fedhpc.v1.PresignBlobRequest\x1a\x1e.fedhpc.v1.PresignBlobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64hpc/v1/registry.proto\x12\tfedhpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16\x66\x65\x64hpc/v1/common.proto\"\xb7\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x06labels\x18\x04 \x03(\x0b\x32\x1c.fedhpc.v1.Model.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa1\x01\n\x12\x43reateModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x39\n\x06labels\x18\x03 \x03(\x0b\x32).fedhpc.v1.CreateModelRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x11ListModelsRequest\x12$\n\x04page\x18\x01 \x01(\x0b\x32\x16.fedhpc.v1.PageRequest\"O\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.fedhpc.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"i\n\x12\x42\x65ginUploadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07presign\x18\x04 \x01(\x08\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\xae\x02\n\x13\x42\x65ginUploadResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x12\n\nobject_key\x18\x04 \x01(\t\x12\x0f\n\x07put_url\x18\x05 \x01(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmax_chunk_bytes\x18\x07 \x01(\x03\x12\x43\n\x0bput_headers\x18\x08 \x03(\x0b\x32..fedhpc.v1.BeginUploadResponse.PutHeadersEntry\x1a\x31\n\x0fPutHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x0cUploadHeader\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"P\n\x0bUploadChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedhpc.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"[\n\x0eUploadResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x12\n\nobject_key\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"a\n\x14\x43ommitVersionRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12%\n\x08manifest\x18\x02 \x01(\x0b\x32\x13.fedhpc.v1.Manifest\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\"\x9f\x01\n\x0cModelVersion\x12%\n\x08manifest\x18\x01 \x01(\x0b\x32\x13.fedhpc.v1.Manifest\x12\x12\n\nobject_key\x18\x02 \x01(\t\x12\x0f\n\x07get_url\x18\x03 \x01(\t\x12\x32\n\x0eurl_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61liases\x18\x05 \x03(\t\"F\n\x11GetVersionRequest\x12 \n\x03ref\x18\x01 \x01(\x0b\x32\x13.fedhpc.v1.ModelRef\x12\x0f\n\x07presign\x18\x02 \x01(\x08\"h\n\x0f\x44ownloadRequest\x12 \n\x03ref\x18\x01 \x01(\x0b\x32\x13.fedhpc.v1.ModelRef\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x03\"D\n\rDownloadChunk\x12%\n\x08manifest\x18\x01 \x01(\x0b\x32\x13.fedhpc.v1.Manifest\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"J\n\x13ListVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x04page\x18\x02 \x01(\x0b\x32\x16.fedhpc.v1.PageRequest\"Z\n\x14ListVersionsResponse\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.fedhpc.v1.ModelVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"e\n\x05\x41lias\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x0fSetAliasRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"1\n\x12\x44\x65leteAliasRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x15\n\x13\x44\x65leteAliasResponse\"#\n\x12ListAliasesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"8\n\x13ListAliasesResponse\x12!\n\x07\x61liases\x18\x01 \x03(\x0b\x32\x10.fedhpc.v1.Alias\"g\n\x12PresignBlobRequest\x12\x12\n\nobject_key\x18\x01 \x01(\t\x12(\n\x06method\x18\x02 \x01(\x0e\x32\x18.fedhpc.v1.PresignMethod\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\"R\n\x13PresignBlobResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*_\n\rPresignMethod\x12\x1e\n\x1aPRESIGN_METHOD_UNSPECIFIED\x10\x00\x12\x16\n\x12PRESIGN_METHOD_GET\x10\x01\x12\x16\n\x12PRESIGN_METHOD_PUT\x10\x02\x32\xa5\x07\n\x08Registry\x12>\n\x0b\x43reateModel\x12\x1d.fedhpc.v1.CreateModelRequest\x1a\x10.fedhpc.v1.Model\x12\x38\n\x08GetModel\x12\x1a.fedhpc.v1.GetModelRequest\x1a\x10.fedhpc.v1.Model\x12I\n\nListModels\x12\x1c.fedhpc.v1.ListModelsRequest\x1a\x1d.fedhpc.v1.ListModelsResponse\x12L\n\x0b\x42\x65ginUpload\x12\x1d.fedhpc.v1.BeginUploadRequest\x1a\x1e.fedhpc.v1.BeginUploadResponse\x12=\n\x06Upload\x12\x16.fedhpc.v1.UploadChunk\x1a\x19.fedhpc.v1.UploadResponse(\x01\x12I\n\rCommitVersion\x12\x1f.fedhpc.v1.CommitVersionRequest\x1a\x17.fedhpc.v1.ModelVersion\x12\x43\n\nGetVersion\x12\x1c.fedhpc.v1.GetVersionRequest\x1a\x17.fedhpc.v1.ModelVersion\x12\x42\n\x08\x44ownload\x12\x1a.fedhpc.v1.DownloadRequest\x1a\x18.fedhpc.v1.DownloadChunk0\x01\x12O\n\x0cListVersions\x12\x1e.fedhpc.v1.ListVersionsRequest\x1a\x1f.fedhpc.v1.ListVersionsResponse\x12\x38\n\x08SetAlias\x12\x1a.fedhpc.v1.SetAliasRequest\x1a\x10.fedhpc.v1.Alias\x12L\n\x0b\x44\x65leteAlias\x12\x1d.fedhpc.v1.DeleteAliasRequest\x1a\x1e.fedhpc.v1.DeleteAliasResponse\x12L\n\x0bListAliases\x12\x1d.fedhpc.v1.ListAliasesRequest\x1a\x1e.fedhpc.v1.ListAliasesResponse\x12L\n\x0bPresignBlob\x12\x1d.fedhpc.v1.PresignBlobRequest\x1a\x1e.fedhpc.v1.PresignBlobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODEL_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CREATEMODELREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATEMODELREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_PRESIGNMETHOD']._serialized_start=2328
-  _globals['_PRESIGNMETHOD']._serialized_end=2423
+  _globals['_BEGINUPLOADRESPONSE_PUTHEADERSENTRY']._loaded_options = None
+  _globals['_BEGINUPLOADRESPONSE_PUTHEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_PRESIGNMETHOD']._serialized_start=2464
+  _globals['_PRESIGNMETHOD']._serialized_end=2559
   _globals['_MODEL']._serialized_start=97
   _globals['_MODEL']._serialized_end=280
   _globals['_MODEL_LABELSENTRY']._serialized_start=235
@@ -54,45 +56,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=538
   _globals['_LISTMODELSRESPONSE']._serialized_end=617
   _globals['_BEGINUPLOADREQUEST']._serialized_start=619
-  _globals['_BEGINUPLOADREQUEST']._serialized_end=708
-  _globals['_BEGINUPLOADRESPONSE']._serialized_start=711
-  _globals['_BEGINUPLOADRESPONSE']._serialized_end=893
-  _globals['_UPLOADHEADER']._serialized_start=895
-  _globals['_UPLOADHEADER']._serialized_end=948
-  _globals['_UPLOADCHUNK']._serialized_start=950
-  _globals['_UPLOADCHUNK']._serialized_end=1030
-  _globals['_UPLOADRESPONSE']._serialized_start=1032
-  _globals['_UPLOADRESPONSE']._serialized_end=1123
-  _globals['_COMMITVERSIONREQUEST']._serialized_start=1125
-  _globals['_COMMITVERSIONREQUEST']._serialized_end=1222
-  _globals['_MODELVERSION']._serialized_start=1225
-  _globals['_MODELVERSION']._serialized_end=1384
-  _globals['_GETVERSIONREQUEST']._serialized_start=1386
-  _globals['_GETVERSIONREQUEST']._serialized_end=1456
-  _globals['_DOWNLOADREQUEST']._serialized_start=1458
-  _globals['_DOWNLOADREQUEST']._serialized_end=1562
-  _globals['_DOWNLOADCHUNK']._serialized_start=1564
-  _globals['_DOWNLOADCHUNK']._serialized_end=1632
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=1634
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=1708
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1710
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1800
-  _globals['_ALIAS']._serialized_start=1802
-  _globals['_ALIAS']._serialized_end=1903
-  _globals['_SETALIASREQUEST']._serialized_start=1905
-  _globals['_SETALIASREQUEST']._serialized_end=1968
-  _globals['_DELETEALIASREQUEST']._serialized_start=1970
-  _globals['_DELETEALIASREQUEST']._serialized_end=2019
-  _globals['_DELETEALIASRESPONSE']._serialized_start=2021
-  _globals['_DELETEALIASRESPONSE']._serialized_end=2042
-  _globals['_LISTALIASESREQUEST']._serialized_start=2044
-  _globals['_LISTALIASESREQUEST']._serialized_end=2079
-  _globals['_LISTALIASESRESPONSE']._serialized_start=2081
-  _globals['_LISTALIASESRESPONSE']._serialized_end=2137
-  _globals['_PRESIGNBLOBREQUEST']._serialized_start=2139
-  _globals['_PRESIGNBLOBREQUEST']._serialized_end=2242
-  _globals['_PRESIGNBLOBRESPONSE']._serialized_start=2244
-  _globals['_PRESIGNBLOBRESPONSE']._serialized_end=2326
-  _globals['_REGISTRY']._serialized_start=2426
-  _globals['_REGISTRY']._serialized_end=3359
+  _globals['_BEGINUPLOADREQUEST']._serialized_end=724
+  _globals['_BEGINUPLOADRESPONSE']._serialized_start=727
+  _globals['_BEGINUPLOADRESPONSE']._serialized_end=1029
+  _globals['_BEGINUPLOADRESPONSE_PUTHEADERSENTRY']._serialized_start=980
+  _globals['_BEGINUPLOADRESPONSE_PUTHEADERSENTRY']._serialized_end=1029
+  _globals['_UPLOADHEADER']._serialized_start=1031
+  _globals['_UPLOADHEADER']._serialized_end=1084
+  _globals['_UPLOADCHUNK']._serialized_start=1086
+  _globals['_UPLOADCHUNK']._serialized_end=1166
+  _globals['_UPLOADRESPONSE']._serialized_start=1168
+  _globals['_UPLOADRESPONSE']._serialized_end=1259
+  _globals['_COMMITVERSIONREQUEST']._serialized_start=1261
+  _globals['_COMMITVERSIONREQUEST']._serialized_end=1358
+  _globals['_MODELVERSION']._serialized_start=1361
+  _globals['_MODELVERSION']._serialized_end=1520
+  _globals['_GETVERSIONREQUEST']._serialized_start=1522
+  _globals['_GETVERSIONREQUEST']._serialized_end=1592
+  _globals['_DOWNLOADREQUEST']._serialized_start=1594
+  _globals['_DOWNLOADREQUEST']._serialized_end=1698
+  _globals['_DOWNLOADCHUNK']._serialized_start=1700
+  _globals['_DOWNLOADCHUNK']._serialized_end=1768
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1770
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1844
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1846
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1936
+  _globals['_ALIAS']._serialized_start=1938
+  _globals['_ALIAS']._serialized_end=2039
+  _globals['_SETALIASREQUEST']._serialized_start=2041
+  _globals['_SETALIASREQUEST']._serialized_end=2104
+  _globals['_DELETEALIASREQUEST']._serialized_start=2106
+  _globals['_DELETEALIASREQUEST']._serialized_end=2155
+  _globals['_DELETEALIASRESPONSE']._serialized_start=2157
+  _globals['_DELETEALIASRESPONSE']._serialized_end=2178
+  _globals['_LISTALIASESREQUEST']._serialized_start=2180
+  _globals['_LISTALIASESREQUEST']._serialized_end=2215
+  _globals['_LISTALIASESRESPONSE']._serialized_start=2217
+  _globals['_LISTALIASESRESPONSE']._serialized_end=2273
+  _globals['_PRESIGNBLOBREQUEST']._serialized_start=2275
+  _globals['_PRESIGNBLOBREQUEST']._serialized_end=2378
+  _globals['_PRESIGNBLOBRESPONSE']._serialized_start=2380
+  _globals['_PRESIGNBLOBRESPONSE']._serialized_end=2462
+  _globals['_REGISTRY']._serialized_start=2562
+  _globals['_REGISTRY']._serialized_end=3495
 # @@protoc_insertion_point(module_scope)

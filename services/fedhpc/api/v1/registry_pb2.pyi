@@ -216,6 +216,7 @@ class BeginUploadRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     PRESIGN_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     """Requested version id (letters, digits, '.', '_', '-'); the registry
@@ -225,6 +226,12 @@ class BeginUploadRequest(_message.Message):
     """Expected size in bytes; used to size the URL lifetime. 0 = unknown."""
     presign: _builtins.bool
     """Ask for a presigned PUT URL (the default data path)."""
+    sha256: _builtins.str
+    """Hex sha256 of the weights, when the client knows it up front. With
+    presign, the URL is then bound to exactly these bytes where the store
+    supports it: the store itself refuses any other body, and the commit
+    needs no re-read of the upload (put_headers must be sent with the PUT).
+    """
     def __init__(
         self,
         *,
@@ -232,10 +239,11 @@ class BeginUploadRequest(_message.Message):
         version: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         presign: _builtins.bool = ...,
+        sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "presign", b"presign", "size_bytes", b"size_bytes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "presign", b"presign", "sha256", b"sha256", "size_bytes", b"size_bytes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -245,6 +253,26 @@ Global___BeginUploadRequest: _TypeAlias = BeginUploadRequest  # noqa: Y015
 class BeginUploadResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class PutHeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
@@ -252,6 +280,7 @@ class BeginUploadResponse(_message.Message):
     PUT_URL_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    PUT_HEADERS_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
     model: _builtins.str
     version: _builtins.str
@@ -265,6 +294,10 @@ class BeginUploadResponse(_message.Message):
     """Largest data chunk the Upload stream accepts."""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def put_headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Headers the PUT to put_url must carry, exactly (e.g. x-amz-checksum-sha256)."""
+
     def __init__(
         self,
         *,
@@ -275,10 +308,11 @@ class BeginUploadResponse(_message.Message):
         put_url: _builtins.str = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         max_chunk_bytes: _builtins.int = ...,
+        put_headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "max_chunk_bytes", b"max_chunk_bytes", "model", b"model", "object_key", b"object_key", "put_url", b"put_url", "upload_id", b"upload_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "max_chunk_bytes", b"max_chunk_bytes", "model", b"model", "object_key", b"object_key", "put_headers", b"put_headers", "put_url", b"put_url", "upload_id", b"upload_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

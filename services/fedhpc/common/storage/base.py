@@ -40,6 +40,14 @@ class InvalidKey(StorageError, ValueError):
 
 
 @dataclass(frozen=True)
+class PresignedPut:
+    """A presigned upload: PUT the body to url with exactly these headers."""
+
+    url: str
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int
@@ -77,9 +85,7 @@ class ObjectStore(ABC):
 
     # -- writing ---------------------------------------------------------------
     @abstractmethod
-    def put_stream(
-        self, key: str, chunks: Iterable[bytes] | BinaryIO, size: int | None = None
-    ) -> ObjectInfo:
+    def put_stream(self, key: str, chunks: Iterable[bytes] | BinaryIO, size: int | None = None) -> ObjectInfo:
         """Store an object from a byte stream without holding it whole.
 
         ``chunks`` is an iterable of byte chunks or a binary file object;
@@ -118,10 +124,15 @@ class ObjectStore(ABC):
         """Download to path (written to a temporary name, then renamed)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.part")
-        with open(tmp, "wb") as f:
-            for chunk in self.iter_range(key):
-                f.write(chunk)
-        tmp.replace(path)
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in self.iter_range(key):
+                    f.write(chunk)
+            tmp.replace(path)
+        except BaseException:
+            # A missing key or a broken download must not leave a stray .part file.
+            tmp.unlink(missing_ok=True)
+            raise
         return self.stat(key)
 
     @abstractmethod
@@ -163,6 +174,13 @@ class ObjectStore(ABC):
     @abstractmethod
     def presign_put(self, key: str, ttl: timedelta) -> str | None:
         """A URL that PUTs this one object until ttl passes; None if the backend has no HTTP endpoint."""
+
+    def presign_put_sha256(self, key: str, ttl: timedelta, sha256_hex: str) -> PresignedPut | None:
+        """A presigned PUT the store accepts only with a body whose sha256 is sha256_hex.
+
+        None when the backend has no HTTP endpoint or cannot make the store enforce it.
+        """
+        return None
 
     def local_path(self, key: str) -> Path | None:
         """A filesystem path holding the object, for backends that have one (file); else None."""

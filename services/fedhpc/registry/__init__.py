@@ -1,0 +1,1 @@
+"""The model registry service: immutable, content-checked model versions over an object store."""
