@@ -11,7 +11,7 @@ For the same N MB safetensors file it times upload + download three ways:
              Download (chunks pass through the registry process)
 
 The registry runs as its own process. MB/s = N / (upload s + download s); each
-path runs --repeat times and the best run counts. With --json the last line is
+path runs --repeat times (rounds interleaved across paths) and its best run counts. With --json the last line is
 a JSON object (raw_mb_s, presigned_mb_s, grpc_mb_s, presigned_vs_raw, grpc_vs_raw, ...).
 
     python benchmarks/transfer.py --size-mb 256
@@ -44,11 +44,6 @@ from fedhpc.testing.s3server import SeaweedS3Server  # noqa: E402
 from fedhpc.testing.synthetic import write_synthetic_model  # noqa: E402
 
 TARGETS = {"presigned_vs_raw": 0.9, "grpc_vs_raw": 0.5}
-
-
-def _best(repeat: int, run: Callable[[int], tuple[float, float]]) -> tuple[float, float]:
-    """Best (fastest total) of `repeat` runs of run(i) -> (upload_s, download_s)."""
-    return min((run(i) for i in range(repeat)), key=sum)
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -84,7 +79,9 @@ def main() -> int:
         parser.error("--size-mb and --repeat must be positive")
 
     with ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedhpc-bench-", dir=args.workdir)))
+        work = Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="fedhpc-bench-", dir=args.workdir))
+        )
         if args.endpoint:
             endpoint, access, secret = args.endpoint, args.access_key, args.secret_key
         else:
@@ -143,14 +140,15 @@ def main() -> int:
 
             return run
 
-        results = {}
-        for name, run in (
-            ("raw", raw),
-            ("presigned", via_registry("presigned")),
-            ("grpc", via_registry("stream")),
-        ):
-            print(f"timing {name} ...", file=sys.stderr)
-            results[name] = _best(args.repeat, run)
+        paths = {"raw": raw, "presigned": via_registry("presigned"), "grpc": via_registry("stream")}
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+        # Interleaved rounds: background noise (page cache, the S3 server's own work)
+        # falls on every path alike instead of on whichever ran during it.
+        for i in range(args.repeat):
+            for name, run in paths.items():
+                print(f"round {i + 1}/{args.repeat}: {name} ...", file=sys.stderr)
+                runs[name].append(run(i))
+        results = {name: min(times, key=sum) for name, times in runs.items()}
         registry_peak = registry.peak_rss_mib()
 
     mb_s = {name: size_mb / sum(times) for name, times in results.items()}

@@ -32,9 +32,9 @@ from fedhpc.common.tensors import (
     FileTensorSource,
     SafetensorsError,
     SafetensorsHeader,
+    StreamVerifier,
     VerifiedBlob,
     read_source_header,
-    verify_file,
 )
 
 Transport = Literal["auto", "presigned", "stream"]
@@ -68,15 +68,28 @@ class Digest(Protocol):
 
 
 def _file_chunks(
-    f: io.BufferedIOBase, chunk_bytes: int, progress: ProgressCallback | None
+    f: io.BufferedIOBase,
+    chunk_bytes: int,
+    progress: ProgressCallback | None,
+    tap: Callable[[memoryview], None] | None = None,
 ) -> Iterator[memoryview]:
     """The file in chunks read into one reused buffer: each view is valid until the next is asked for."""
     buffer = bytearray(chunk_bytes)
     view = memoryview(buffer)
     while n := f.readinto(view):
+        if tap is not None:
+            tap(view[:n])
         if progress:
             progress(n)
         yield view[:n]
+
+
+def sha256_file(path: Path, chunk_bytes: int = TRANSFER_CHUNK_BYTES) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in _file_chunks(f, chunk_bytes, None):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def http_put_file(
@@ -85,13 +98,17 @@ def http_put_file(
     progress: ProgressCallback | None = None,
     *,
     headers: Mapping[str, str] | None = None,
+    tap: Callable[[memoryview], None] | None = None,
 ) -> None:
-    """PUT a file to a presigned URL, streaming it, with the headers the URL was signed for."""
+    """PUT a file to a presigned URL, streaming it, with the headers the URL was signed for.
+
+    tap, when given, sees every chunk on its way out.
+    """
     size = path.stat().st_size
     conn, target = _http_connection(url)
     try:
         with open(path, "rb") as f:
-            chunks = _file_chunks(f, TRANSFER_CHUNK_BYTES, progress)
+            chunks = _file_chunks(f, TRANSFER_CHUNK_BYTES, progress, tap)
             conn.request("PUT", target, body=chunks, headers={**(headers or {}), "Content-Length": str(size)})
         response = conn.getresponse()
         reply = response.read(2048)
@@ -199,14 +216,16 @@ class RegistryClient:
         """
         size = path.stat().st_size
         header = _file_header(path)
-        verified = _verify(path) if transport != "stream" else None
+        # The presigned URL is bound to the whole-file sha256, so that one is needed
+        # first; the per-tensor hashes are computed while the bytes go out.
+        file_sha256 = sha256_file(path) if transport != "stream" else ""
         begun = self._stub.BeginUpload(
             registry_pb2.BeginUploadRequest(
                 model=model,
                 version=version,
                 size_bytes=size,
                 presign=transport != "stream",
-                sha256=verified.sha256 if verified else "",
+                sha256=file_sha256,
             )
         )
         if transport == "presigned" and not begun.put_url:
@@ -215,12 +234,13 @@ class RegistryClient:
             )
         digest = hashlib.sha256()
         if begun.put_url and transport != "stream":
-            http_put_file(begun.put_url, path, progress, headers=dict(begun.put_headers))
-        else:
-            self._upload_stream(begun, path, progress, digest)
-        if verified is not None:
+            tensors = StreamVerifier(whole_file=False)
+            http_put_file(begun.put_url, path, progress, headers=dict(begun.put_headers), tap=tensors.feed)
+            blob = tensors.finish()
+            verified = VerifiedBlob(blob.size, file_sha256, blob.header, blob.tensor_sha256)
             manifest = manifest_for_blob(verified, model=model, version=begun.version)
         else:
+            self._upload_stream(begun, path, progress, digest)
             manifest = common_pb2.Manifest(
                 model=model,
                 version=begun.version,
@@ -292,13 +312,6 @@ class RegistryClient:
             chunks = prefetch(c.data for c in self._stub.Download(registry_pb2.DownloadRequest(ref=resolved)))
         _write_verified(chunks, dest, version.manifest, progress)
         return version
-
-
-def _verify(path: Path) -> VerifiedBlob:
-    try:
-        return verify_file(path)
-    except SafetensorsError as exc:
-        raise RegistryClientError(f"{path} is not a valid safetensors file: {exc}") from exc
 
 
 def _file_header(path: Path) -> SafetensorsHeader:
