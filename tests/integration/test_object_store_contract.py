@@ -69,8 +69,10 @@ def sha(chunks: Iterator[bytes]) -> str:
     return h.hexdigest()
 
 
-def http(method: str, url: str, data: bytes | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=data, method=method)
+def http(
+    method: str, url: str, data: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
         with _HTTP.open(request, timeout=30) as response:
             return int(response.status), bytes(response.read())
@@ -436,6 +438,26 @@ def test_presign(object_store: ObjectStore) -> None:
     # Nor can the method be swapped.
     assert http("PUT", get_url, b"x")[0] == 403
     assert object_store.get_bytes("pre/a") == b"secret a"
+
+
+def test_presigned_put_bound_to_a_sha256_is_enforced_by_the_store(object_store: ObjectStore) -> None:
+    body = b"exactly these bytes"
+    sha = hashlib.sha256(body).hexdigest()
+    bound = object_store.presign_put_sha256("pre/checked", TTL, sha)
+    if object_store.kind == "file":
+        assert bound is None
+        return
+    assert bound is not None and set(bound.headers) == {"x-amz-checksum-sha256"}
+    # Other bytes are refused by the store and leave nothing behind.
+    status, _ = http("PUT", bound.url, b"other bytes, same length", headers=bound.headers)
+    assert status == 400
+    assert not object_store.exists("pre/checked")
+    # Leaving out the signed header breaks the signature.
+    assert http("PUT", bound.url, body)[0] == 403
+    assert http("PUT", bound.url, body, headers=bound.headers)[0] == 200
+    assert object_store.get_bytes("pre/checked") == body
+    with pytest.raises(ValueError, match="64 hex digits"):
+        object_store.presign_put_sha256("pre/checked", TTL, "abc")
 
 
 def test_presign_ttl_bounds(object_store: ObjectStore) -> None:

@@ -152,6 +152,46 @@ def test_presigned_urls_on_s3_and_none_on_file(
     assert err.value.code == 403
 
 
+def test_presigned_put_bound_to_the_stated_sha256(
+    admin: RegistryClient, registry_server: tuple[GrpcServer, ObjectStore], tmp_path: Path
+) -> None:
+    """On S3 the upload URL only accepts the bytes whose sha256 BeginUpload was told;
+    the commit then records that sha256 without re-reading the upload."""
+    if registry_server[1].kind == "file":
+        pytest.skip("the file store has no HTTP endpoint to presign")
+    admin.create_model("exp1")
+    path = _weights(tmp_path / "w.safetensors")
+    blob = verify_file(path)
+    begun = admin.stub.BeginUpload(
+        registry_pb2.BeginUploadRequest(model="exp1", version="r0", presign=True, sha256=blob.sha256)
+    )
+    assert begun.put_url and dict(begun.put_headers)
+    other = _weights(tmp_path / "other.safetensors", seed=9).read_bytes()
+    refused = urllib.request.Request(begun.put_url, data=other, method="PUT", headers=dict(begun.put_headers))
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(refused)
+    assert err.value.code == 400
+    ok = urllib.request.Request(begun.put_url, data=path.read_bytes(), method="PUT", headers=dict(begun.put_headers))
+    with urllib.request.urlopen(ok) as response:
+        assert response.status == 200
+    # A manifest claiming another sha256 than the one the store enforced is refused.
+    wrong = manifest_for_blob(blob, model="exp1", version="r0")
+    wrong.sha256 = "ab" * 32
+    with pytest.raises(grpc.RpcError) as rpc_err:
+        admin.stub.CommitVersion(registry_pb2.CommitVersionRequest(upload_id=begun.upload_id, manifest=wrong))
+    assert _code(rpc_err) == grpc.StatusCode.INVALID_ARGUMENT and "checksum mismatch" in _details(rpc_err)
+    committed = _commit(admin, begun, blob)
+    assert committed.manifest.sha256 == blob.sha256
+    assert {t.name: t.sha256 for t in committed.manifest.tensors} == blob.tensor_sha256
+
+
+def test_bad_sha256_in_begin_upload_is_refused(admin: RegistryClient) -> None:
+    admin.create_model("exp1")
+    with pytest.raises(grpc.RpcError) as err:
+        admin.stub.BeginUpload(registry_pb2.BeginUploadRequest(model="exp1", presign=True, sha256="xyz"))
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "64 hex digits" in _details(err)
+
+
 def test_aliases_set_list_delete(admin: RegistryClient, tmp_path: Path) -> None:
     admin.create_model("exp1")
     admin.push("exp1", _weights(tmp_path / "a.safetensors"), version="r0", aliases=[])
