@@ -17,7 +17,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_transfer_benchmark_small_run_prints_the_json_summary() -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "transfer.py"), "--size-mb", "8", "--repeat", "1", "--json"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "transfer.py"),
+            "--size-mb",
+            "8",
+            "--repeat",
+            "1",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -171,7 +171,9 @@ def test_presigned_put_bound_to_the_stated_sha256(
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(refused)
     assert err.value.code == 400
-    ok = urllib.request.Request(begun.put_url, data=path.read_bytes(), method="PUT", headers=dict(begun.put_headers))
+    ok = urllib.request.Request(
+        begun.put_url, data=path.read_bytes(), method="PUT", headers=dict(begun.put_headers)
+    )
     with urllib.request.urlopen(ok) as response:
         assert response.status == 200
     # A manifest claiming another sha256 than the one the store enforced is refused.
