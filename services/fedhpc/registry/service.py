@@ -64,6 +64,9 @@ METHOD_ROLES: dict[str, Role] = {
 }
 # Headers are parsed in memory; real checkpoints with 100k tensors stay well below this.
 MAX_HEADER_BYTES = 16 << 20
+# Upload chunks received ahead of the store: enough to fill the next S3 part while the
+# current one is being sent (16 MiB parts / 4 MiB chunks, plus slack).
+UPLOAD_READ_AHEAD = 8
 # Large reads when re-hashing a blob at commit: fewer round trips to the store.
 VERIFY_CHUNK_BYTES = 4 << 20
 DEFAULT_PAGE_SIZE = 100
@@ -496,7 +499,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         size = first.header.size_bytes or None
         try:
             # Receiving+verifying and sending to the store run on two threads.
-            info = self._store.put_stream(key, prefetch(chunks()), size=size)
+            info = self._store.put_stream(key, prefetch(chunks(), depth=UPLOAD_READ_AHEAD), size=size)
         except _UploadRefused:
             code, message = refusal[0]
             self._abort(context, code, message)
