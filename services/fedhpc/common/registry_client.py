@@ -32,9 +32,9 @@ from fedhpc.common.tensors import (
     FileTensorSource,
     SafetensorsError,
     SafetensorsHeader,
-    StreamVerifier,
     VerifiedBlob,
     read_source_header,
+    verify_file,
 )
 
 Transport = Literal["auto", "presigned", "stream"]
@@ -71,25 +71,14 @@ def _file_chunks(
     f: io.BufferedIOBase,
     chunk_bytes: int,
     progress: ProgressCallback | None,
-    tap: Callable[[memoryview], None] | None = None,
 ) -> Iterator[memoryview]:
     """The file in chunks read into one reused buffer: each view is valid until the next is asked for."""
     buffer = bytearray(chunk_bytes)
     view = memoryview(buffer)
     while n := f.readinto(view):
-        if tap is not None:
-            tap(view[:n])
         if progress:
             progress(n)
         yield view[:n]
-
-
-def sha256_file(path: Path, chunk_bytes: int = TRANSFER_CHUNK_BYTES) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in _file_chunks(f, chunk_bytes, None):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def http_put_file(
@@ -98,17 +87,13 @@ def http_put_file(
     progress: ProgressCallback | None = None,
     *,
     headers: Mapping[str, str] | None = None,
-    tap: Callable[[memoryview], None] | None = None,
 ) -> None:
-    """PUT a file to a presigned URL, streaming it, with the headers the URL was signed for.
-
-    tap, when given, sees every chunk on its way out.
-    """
+    """PUT a file to a presigned URL, streaming it, with the headers the URL was signed for."""
     size = path.stat().st_size
     conn, target = _http_connection(url)
     try:
         with open(path, "rb") as f:
-            chunks = _file_chunks(f, TRANSFER_CHUNK_BYTES, progress, tap)
+            chunks = _file_chunks(f, TRANSFER_CHUNK_BYTES, progress)
             conn.request("PUT", target, body=chunks, headers={**(headers or {}), "Content-Length": str(size)})
         response = conn.getresponse()
         reply = response.read(2048)
@@ -205,60 +190,58 @@ class RegistryClient:
         producer: str = "",
         metrics: Mapping[str, float] | None = None,
         aliases: Sequence[str] = ("latest",),
+        verified: VerifiedBlob | None = None,
         progress: ProgressCallback | None = None,
     ) -> registry_pb2.ModelVersion:
         """Upload a safetensors file as a new version and commit it.
 
-        Presigned: the file is hashed first (whole and per tensor) so the URL can
-        be bound to its sha256 and the store itself refuses any other bytes.
-        Stream: the file is hashed while it uploads and the registry hashes what
-        it receives. Either way the registry checks everything at commit.
+        ``verified`` is the file's VerifiedBlob when the caller already has it:
+        a producer that wrote the file with SafetensorsWriter (trainers, the
+        aggregator) got its hashes while writing. Without it, the presigned path
+        hashes the file first, because the URL is bound to its sha256 (the store
+        itself then refuses any other bytes), and the stream path hashes the
+        file while it goes out. Either way the registry checks everything at commit.
         """
         size = path.stat().st_size
-        header = _file_header(path)
-        # The presigned URL is bound to the whole-file sha256, so that one is needed
-        # first; the per-tensor hashes are computed while the bytes go out.
-        file_sha256 = sha256_file(path) if transport != "stream" else ""
+        header = verified.header if verified is not None else _file_header(path)
+        if verified is not None and verified.size != size:
+            raise RegistryClientError(
+                f"{path} has {size} bytes but the VerifiedBlob given for it {verified.size}"
+            )
+        if verified is None and transport != "stream":
+            verified = _verify(path)
         begun = self._stub.BeginUpload(
             registry_pb2.BeginUploadRequest(
                 model=model,
                 version=version,
                 size_bytes=size,
                 presign=transport != "stream",
-                sha256=file_sha256,
+                sha256=verified.sha256 if verified is not None else "",
             )
         )
         if transport == "presigned" and not begun.put_url:
             raise RegistryClientError(
                 "the registry offered no presigned URL (its store has no HTTP endpoint); use --transport stream"
             )
-        digest = hashlib.sha256()
         if begun.put_url and transport != "stream":
-            tensors = StreamVerifier(whole_file=False)
-            http_put_file(begun.put_url, path, progress, headers=dict(begun.put_headers), tap=tensors.feed)
-            blob = tensors.finish()
-            verified = VerifiedBlob(blob.size, file_sha256, blob.header, blob.tensor_sha256)
-            manifest = manifest_for_blob(verified, model=model, version=begun.version)
+            http_put_file(begun.put_url, path, progress, headers=dict(begun.put_headers))
         else:
+            digest = hashlib.sha256() if verified is None else None
             self._upload_stream(begun, path, progress, digest)
-            manifest = common_pb2.Manifest(
-                model=model,
-                version=begun.version,
-                tensors=[
-                    common_pb2.TensorInfo(
-                        name=e.name, dtype=e.dtype, shape=list(e.shape), data_offset=e.begin, nbytes=e.nbytes
-                    )
-                    for e in header.entries
-                ],
-                size_bytes=size,
-                sha256=digest.hexdigest(),
-            )
-        manifest.parent = parent
-        manifest.round = round_number
-        manifest.algorithm = algorithm
-        manifest.kind = common_pb2.BLOB_KIND_MODEL
-        manifest.producer = producer or f"cli/{os.environ.get('USER', 'unknown')}"
-        manifest.metrics.update(metrics or {})
+            if digest is not None:
+                # Per-tensor hashes are the registry's, taken as the bytes passed through it.
+                verified = VerifiedBlob(size, digest.hexdigest(), header, {})
+        assert verified is not None
+        manifest = manifest_for_blob(
+            verified,
+            model=model,
+            version=begun.version,
+            parent=parent,
+            round_number=round_number,
+            algorithm=algorithm,
+            producer=producer or f"cli/{os.environ.get('USER', 'unknown')}",
+            metrics=metrics,
+        )
         manifest.created_at.CopyFrom(timestamp_now())
         return self._stub.CommitVersion(
             registry_pb2.CommitVersionRequest(
@@ -312,6 +295,13 @@ class RegistryClient:
             chunks = prefetch(c.data for c in self._stub.Download(registry_pb2.DownloadRequest(ref=resolved)))
         _write_verified(chunks, dest, version.manifest, progress)
         return version
+
+
+def _verify(path: Path) -> VerifiedBlob:
+    try:
+        return verify_file(path)
+    except SafetensorsError as exc:
+        raise RegistryClientError(f"{path} is not a valid safetensors file: {exc}") from exc
 
 
 def _file_header(path: Path) -> SafetensorsHeader:

@@ -532,21 +532,11 @@ class StreamVerifier:
     Parses the header as soon as it has arrived, computes the whole-file sha256 and each
     tensor's sha256 on the fly, and keeps no more than the header plus the current chunk.
     After any error the verifier is spent: later calls raise again.
-
-    ``whole_file=False`` skips the whole-file hash (its VerifiedBlob.sha256 is then
-    empty), for a caller that already has it and wants only the per-tensor hashes.
     """
 
-    def __init__(
-        self,
-        *,
-        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-        parallel: bool = True,
-        whole_file: bool = True,
-    ) -> None:
+    def __init__(self, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, parallel: bool = True) -> None:
         self._max_header_bytes = max_header_bytes
         self._parallel = parallel
-        self._whole_file = whole_file
         self._file_hash = hashlib.sha256()
         self._seen = 0
         self._head = bytearray()
@@ -595,10 +585,7 @@ class StreamVerifier:
                     f"(got {self._seen + n} so far)"
                 )
             pos = self._seen + (n - len(data))
-            if self._whole_file:
-                _hash_beside(self._file_hash, mv, lambda: self._walk_data(data, pos), parallel=self._parallel)
-            else:
-                self._walk_data(data, pos)
+            _hash_beside(self._file_hash, mv, lambda: self._walk_data(data, pos), parallel=self._parallel)
             self._seen += n
         except SafetensorsError as exc:
             self._error = exc
@@ -665,8 +652,7 @@ class StreamVerifier:
             self._error = exc
             raise
         per_tensor = {e.name: self._tensor_sha[e.name] for e in header.entries}
-        whole = self._file_hash.hexdigest() if self._whole_file else ""
-        self._result = VerifiedBlob(self._seen, whole, header, per_tensor)
+        self._result = VerifiedBlob(self._seen, self._file_hash.hexdigest(), header, per_tensor)
         return self._result
 
 
