@@ -1,0 +1,1 @@
+"""The aggregator service: streams client updates and applies the server-side FL algorithms."""

@@ -1,0 +1,597 @@
+"""The streaming aggregation core: one tensor at a time, memory O(model) whatever the number of updates.
+
+For every tensor of the base model, in file order, each update's bytes for that
+tensor are viewed in place (memory-mapped files) or read by byte range (object
+storage), accumulated into a reused float32/float64 buffer with the algorithm's
+weights, turned into the new weights by the algorithm, and written out at once.
+No full copy of any update, and no N x model anything, is ever held.
+
+Validation happens in the same pass: header checks (names, shapes, dtypes) up
+front, then finiteness and L2 norms while accumulating, and the whole-file
+sha256 where asked. An update found bad mid-way is dropped and the pass starts
+over without it (the output is a seekable spool file, rewritten from the start),
+so the common case reads every byte once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import mmap
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import torch
+
+from fedhpc.aggregator.algorithms import ServerAlgorithm, UpdateInfo
+from fedhpc.common.tensors import (
+    SafetensorsError,
+    SafetensorsHeader,
+    SafetensorsWriter,
+    TensorEntry,
+    TensorSource,
+    VerifiedBlob,
+    parse_header,
+    read_source_header,
+)
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# frombuffer views of read-only mappings are only ever read here.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+_FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+# Elements per accumulation step: small enough that a chunk of the accumulator and
+# of each update stay in cache while every update is added to it.
+CHUNK_ELEMENTS = 1 << 17
+COMPRESSED_DTYPES = {"": None, "bf16": "BF16", "fp16": "F16"}
+
+
+class Outcome(StrEnum):
+    """Per-update outcome; the names match fedhpc.v1.UpdateOutcomeCode."""
+
+    ACCEPTED = "ACCEPTED"
+    CLIPPED = "CLIPPED"
+    WRONG_SHAPE = "WRONG_SHAPE"
+    WRONG_DTYPE = "WRONG_DTYPE"
+    MISSING_TENSOR = "MISSING_TENSOR"
+    EXTRA_TENSOR = "EXTRA_TENSOR"
+    NOT_FINITE = "NOT_FINITE"
+    CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
+    NORM_EXCEEDED = "NORM_EXCEEDED"
+    UNREADABLE = "UNREADABLE"
+
+    @property
+    def accepted(self) -> bool:
+        return self in (Outcome.ACCEPTED, Outcome.CLIPPED)
+
+
+class BlobReader(Protocol):
+    """Random access to one safetensors blob."""
+
+    @property
+    def header(self) -> SafetensorsHeader: ...
+    def tensor_bytes(self, entry: TensorEntry) -> memoryview | bytes: ...
+    def header_bytes(self) -> memoryview | bytes: ...
+    def close(self) -> None: ...
+
+
+class MappedFile:
+    """A local safetensors file, memory-mapped read-only: tensor bytes are views, never copies.
+
+    MAP_POPULATE maps the whole file up front, much cheaper than one page fault per
+    4 KiB touched later while summing.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise SafetensorsError(f"{path} is empty")
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self._map = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._map)
+        self._header = parse_header(self._view[: min(size, 8 + _header_len(self._view))], file_size=size)
+
+    @property
+    def header(self) -> SafetensorsHeader:
+        return self._header
+
+    def tensor_bytes(self, entry: TensorEntry) -> memoryview:
+        return self._view[entry.begin : entry.end]
+
+    def header_bytes(self) -> memoryview:
+        return self._view[: self._header.data_start]
+
+    def whole(self) -> memoryview:
+        return self._view
+
+    def close(self) -> None:
+        self._view.release()
+        self._map.close()
+
+
+def _header_len(view: memoryview) -> int:
+    if len(view) < 8:
+        raise SafetensorsError("file is shorter than the 8-byte header length")
+    return int.from_bytes(view[:8], "little")
+
+
+class SourceReader:
+    """Any TensorSource (e.g. an object in S3): tensor bytes by ranged reads."""
+
+    def __init__(self, source: TensorSource) -> None:
+        self._source = source
+        self._header = read_source_header(source)
+
+    @property
+    def header(self) -> SafetensorsHeader:
+        return self._header
+
+    def tensor_bytes(self, entry: TensorEntry) -> bytes:
+        return self._source.read_range(entry.begin, entry.nbytes)
+
+    def header_bytes(self) -> bytes:
+        return self._source.read_range(0, self._header.data_start)
+
+    def close(self) -> None:
+        close = getattr(self._source, "close", None)
+        if callable(close):
+            close()
+
+
+@dataclass(frozen=True)
+class UpdateInput:
+    """One update to aggregate and what is known about it."""
+
+    reader: BlobReader
+    num_samples: int
+    staleness: int = 0
+    full_weights: bool = False
+    compression: str = ""
+    # Expected whole-file sha256; checked when verify_checksums is on.
+    sha256: str = ""
+    name: str = ""
+
+
+@dataclass
+class UpdateOutcome:
+    index: int
+    outcome: Outcome
+    message: str = ""
+    weight: float = 0.0
+    l2_norm: float = 0.0
+
+
+@dataclass(frozen=True)
+class AggregationOptions:
+    accumulate_float64: bool = False
+    # Reject updates whose L2 norm exceeds this (or scale them down to it, with clip_to_norm); 0 = off.
+    max_update_norm: float = 0.0
+    clip_to_norm: bool = False
+    min_accepted: int = 1
+    verify_checksums: bool = True
+
+
+@dataclass
+class AggregationTiming:
+    total_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
+    verify_s: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    passes: int = 0
+
+
+@dataclass
+class AggregationResult:
+    outcomes: list[UpdateOutcome]
+    weights: VerifiedBlob
+    state: VerifiedBlob | None
+    timing: AggregationTiming = field(default_factory=AggregationTiming)
+
+    @property
+    def accepted(self) -> int:
+        return sum(1 for o in self.outcomes if o.outcome.accepted)
+
+
+class NotEnoughUpdates(Exception):
+    """Fewer updates passed validation than min_accepted; nothing was written."""
+
+    def __init__(self, outcomes: list[UpdateOutcome], min_accepted: int) -> None:
+        accepted = sum(1 for o in outcomes if o.outcome.accepted)
+        reasons = "; ".join(
+            f"update {o.index}: {o.outcome.value}: {o.message}" for o in outcomes if not o.outcome.accepted
+        )
+        super().__init__(f"{accepted} of {len(outcomes)} updates accepted, need {min_accepted} ({reasons})")
+        self.outcomes = outcomes
+
+
+class _Restart(Exception):
+    """An update turned out bad mid-pass: aggregate again without it."""
+
+
+def state_tensor_name(slot: str, tensor: str) -> str:
+    return f"{slot}/{tensor}"
+
+
+class _Buffers:
+    """Scratch tensors reused across tensors (and, held by the caller, across rounds)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.acc = torch.empty(numel, dtype=dtype)
+        self.base = torch.empty(numel, dtype=dtype)
+        self.scratch = torch.empty(numel, dtype=dtype)
+        self._out: dict[torch.dtype, torch.Tensor] = {}
+
+    def out(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        buffer = self._out.get(dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(max(numel, self.acc.numel()), dtype=dtype)
+            self._out[dtype] = buffer
+        return buffer[:numel]
+
+
+def _view(data: memoryview | bytes, entry: TensorEntry, code: str | None = None) -> torch.Tensor:
+    dtype = _TORCH_DTYPES[code or entry.dtype]
+    if entry.nbytes == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype)
+
+
+def _check_header(
+    base: SafetensorsHeader, update: SafetensorsHeader, compression: str
+) -> tuple[Outcome, str] | None:
+    names, update_names = set(base.names), set(update.names)
+    missing = sorted(names - update_names)
+    if missing:
+        return Outcome.MISSING_TENSOR, f"missing tensor(s) {', '.join(repr(n) for n in missing[:5])}"
+    extra = sorted(update_names - names)
+    if extra:
+        return Outcome.EXTRA_TENSOR, f"unexpected tensor(s) {', '.join(repr(n) for n in extra[:5])}"
+    wire = COMPRESSED_DTYPES[compression]
+    for entry in base.entries:
+        got = update.entry(entry.name)
+        if got.shape != entry.shape:
+            return (
+                Outcome.WRONG_SHAPE,
+                f"tensor {entry.name!r} has shape {list(got.shape)}, the model {list(entry.shape)}",
+            )
+        expected = wire if (wire and entry.dtype in _FLOAT_CODES) else entry.dtype
+        if got.dtype != expected:
+            return Outcome.WRONG_DTYPE, f"tensor {entry.name!r} has dtype {got.dtype}, expected {expected}"
+    return None
+
+
+def aggregate(
+    base: BlobReader,
+    updates: Sequence[UpdateInput],
+    algorithm: ServerAlgorithm,
+    out: BinaryIO,
+    *,
+    state: BlobReader | None = None,
+    state_out: BinaryIO | None = None,
+    options: AggregationOptions | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> AggregationResult:
+    """Aggregate updates into new weights written to `out` (a seekable file, rewritten on a restart).
+
+    The algorithm's optimizer state is read from `state` (zeros when None) and the
+    new state written to `state_out` when the algorithm keeps one. Raises
+    NotEnoughUpdates (with every outcome) when fewer than options.min_accepted pass.
+    """
+    options = options or AggregationOptions()
+    started = time.perf_counter()
+    timing = AggregationTiming()
+    outcomes = [UpdateOutcome(index=i, outcome=Outcome.ACCEPTED) for i in range(len(updates))]
+    for i, update in enumerate(updates):
+        if update.compression not in COMPRESSED_DTYPES:
+            outcomes[i].outcome, outcomes[i].message = (
+                Outcome.UNREADABLE,
+                f"unsupported compression {update.compression!r}",
+            )
+            continue
+        problem = _check_header(base.header, update.reader.header, update.compression)
+        if problem:
+            outcomes[i].outcome, outcomes[i].message = problem
+    if options.verify_checksums:
+        verify_started = time.perf_counter()
+        for i, update in enumerate(updates):
+            if outcomes[i].outcome.accepted and update.sha256:
+                actual = _sha256(update.reader)
+                if actual != update.sha256.lower():
+                    outcomes[i].outcome = Outcome.CHECKSUM_MISMATCH
+                    outcomes[i].message = f"sha256 is {actual}, the update reference says {update.sha256}"
+        timing.verify_s = time.perf_counter() - verify_started
+    dtype = torch.float64 if options.accumulate_float64 else torch.float32
+    largest = max(
+        (e.nbytes // max(1, _TORCH_DTYPES[e.dtype].itemsize) for e in base.header.entries), default=1
+    )
+    buffers = _Buffers(max(1, largest), dtype)
+    scales = [1.0] * len(updates)
+    while True:
+        active = [i for i, o in enumerate(outcomes) if o.outcome.accepted]
+        if len(active) < max(1, options.min_accepted):
+            raise NotEnoughUpdates(outcomes, options.min_accepted)
+        timing.passes += 1
+        out.seek(0)
+        out.truncate()
+        if state_out is not None:
+            state_out.seek(0)
+            state_out.truncate()
+        try:
+            weights_blob, state_blob, norms = _one_pass(
+                base,
+                updates,
+                active,
+                scales,
+                algorithm,
+                out,
+                state,
+                state_out,
+                buffers,
+                options,
+                metadata,
+                timing,
+            )
+        except _RejectUpdate as reject:
+            outcomes[reject.index].outcome = reject.outcome
+            outcomes[reject.index].message = reject.message
+            continue
+        except _ClipUpdate as clip:
+            outcomes[clip.index].outcome = Outcome.CLIPPED
+            outcomes[
+                clip.index
+            ].message = f"L2 norm {clip.norm:.6g} clipped to max_update_norm {options.max_update_norm:g}"
+            continue
+        for i in active:
+            outcomes[i].l2_norm = norms[i]
+        break
+    weights = algorithm.weights([UpdateInfo(updates[i].num_samples, updates[i].staleness) for i in active])
+    for i, w in zip(active, weights, strict=True):
+        outcomes[i].weight = w * scales[i]
+    timing.total_s = time.perf_counter() - started
+    timing.bytes_written = weights_blob.size + (state_blob.size if state_blob else 0)
+    return AggregationResult(outcomes=outcomes, weights=weights_blob, state=state_blob, timing=timing)
+
+
+def _sha256(reader: BlobReader) -> str:
+    digest = hashlib.sha256()
+    whole = getattr(reader, "whole", None)
+    if callable(whole):
+        digest.update(whole())
+        return digest.hexdigest()
+    digest.update(reader.header_bytes())
+    for entry in reader.header.entries:
+        digest.update(reader.tensor_bytes(entry))
+    return digest.hexdigest()
+
+
+def _one_pass(
+    base: BlobReader,
+    updates: Sequence[UpdateInput],
+    active: list[int],
+    scales: list[float],
+    algorithm: ServerAlgorithm,
+    out: BinaryIO,
+    state: BlobReader | None,
+    state_out: BinaryIO | None,
+    buffers: _Buffers,
+    options: AggregationOptions,
+    metadata: Mapping[str, str] | None,
+    timing: AggregationTiming,
+) -> tuple[VerifiedBlob, VerifiedBlob | None, dict[int, float]]:
+    infos = [UpdateInfo(updates[i].num_samples, updates[i].staleness) for i in active]
+    weights = [w * scales[i] for w, i in zip(algorithm.weights(infos), active, strict=True)]
+    # Integer tensors take the sample-weighted mean whatever the algorithm (documented rule).
+    total_samples = sum(max(0, updates[i].num_samples) for i in active)
+    int_weights = [
+        (updates[i].num_samples / total_samples) if total_samples else 1.0 / len(active) for i in active
+    ]
+    entries = base.header.entries
+    writer = SafetensorsWriter(out, [(e.name, e.dtype, e.shape) for e in entries], metadata=metadata)
+    slots = algorithm.state_slots
+    float_entries = [e for e in entries if e.dtype in _FLOAT_CODES]
+    state_writer = None
+    if slots and state_out is not None:
+        specs = [
+            (state_tensor_name(slot, e.name), "F64" if buffers.dtype == torch.float64 else "F32", e.shape)
+            for e in float_entries
+            for slot in slots
+        ]
+        state_writer = SafetensorsWriter(state_out, specs, metadata={"fedhpc.algorithm": algorithm.name})
+    sq_norms = dict.fromkeys(active, 0.0)
+    for entry in entries:
+        compute_started = time.perf_counter()
+        numel = math.prod(entry.shape)
+        base_data = base.tensor_bytes(entry)
+        views = []
+        for i in active:
+            reader = updates[i].reader
+            # Each update has its own layout: its header gives this tensor's byte range.
+            own = reader.header.entry(entry.name)
+            views.append(_view(reader.tensor_bytes(own), own))
+            timing.bytes_read += own.nbytes
+        if entry.dtype in _FLOAT_CODES:
+            result = _accumulate_float(
+                entry, numel, base_data, views, active, updates, weights, buffers, sq_norms
+            )
+            _check_norms(sq_norms, active, updates, options, scales, final=False)
+            state_tensors = _load_state(algorithm, state, entry, buffers, numel)
+            new = algorithm.apply(
+                buffers.base[:numel], result, state_tensors, scratch=buffers.scratch[:numel]
+            )
+            output = buffers.out(_TORCH_DTYPES[entry.dtype], numel)
+            output.copy_(new)
+        else:
+            output = _integer_rule(entry, numel, base_data, views, active, updates, int_weights, buffers)
+            state_tensors = {}
+        timing.compute_s += time.perf_counter() - compute_started
+        write_started = time.perf_counter()
+        writer.write(entry.name, output.view(entry.shape) if entry.shape else output.reshape(()))
+        if state_writer is not None and entry.dtype in _FLOAT_CODES:
+            for slot in slots:
+                state_writer.write(state_tensor_name(slot, entry.name), state_tensors[slot].view(entry.shape))
+        timing.write_s += time.perf_counter() - write_started
+    _check_norms(sq_norms, active, updates, options, scales, final=True)
+    norms = {i: math.sqrt(v) for i, v in sq_norms.items()}
+    return writer.close(), state_writer.close() if state_writer is not None else None, norms
+
+
+def _accumulate_float(
+    entry: TensorEntry,
+    numel: int,
+    base_data: memoryview | bytes,
+    views: list[torch.Tensor],
+    active: list[int],
+    updates: Sequence[UpdateInput],
+    weights: list[float],
+    buffers: _Buffers,
+    sq_norms: dict[int, float],
+) -> torch.Tensor:
+    """acc = sum_i w_i * delta_i over the tensor, in chunks that stay in cache; also each update's
+    squared L2 norm and a finiteness check, in the same pass."""
+    acc = buffers.acc[:numel]
+    base_f = buffers.base[:numel]
+    base_f.copy_(_view(base_data, entry))
+    # Full-weights updates add w * local; their delta is local - base, so base comes off once.
+    full_weight = sum(weights[k] for k, i in enumerate(active) if updates[i].full_weights)
+    for start in range(0, numel, CHUNK_ELEMENTS):
+        end = min(numel, start + CHUNK_ELEMENTS)
+        acc_c = acc[start:end]
+        acc_c.zero_()
+        base_c = base_f[start:end]
+        scratch = buffers.scratch[: end - start]
+        for k, (i, view) in enumerate(zip(active, views, strict=True)):
+            part = view[start:end]
+            if updates[i].full_weights:
+                # The update's delta is local - base: its norm needs it, its sum does not.
+                torch.sub(part, base_c, out=scratch)
+                sq = float(torch.dot(scratch, scratch))
+                acc_c.add_(part, alpha=weights[k])
+            else:
+                if part.dtype == buffers.dtype:
+                    sq = float(torch.dot(part, part))
+                else:
+                    scratch.copy_(part)
+                    sq = float(torch.dot(scratch, scratch))
+                acc_c.add_(part, alpha=weights[k])
+            if not math.isfinite(sq):
+                values = scratch if updates[i].full_weights else part
+                if not bool(torch.isfinite(values).all()):
+                    raise _RejectUpdate(i, Outcome.NOT_FINITE, f"tensor {entry.name!r} holds NaN or Inf")
+                sq = math.inf  # finite values whose squares overflow: an enormous norm
+            sq_norms[i] += sq
+        if full_weight:
+            acc_c.sub_(base_c, alpha=full_weight)
+    return acc
+
+
+class _RejectUpdate(_Restart):
+    def __init__(self, index: int, outcome: Outcome, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.outcome = outcome
+        self.message = message
+
+
+def _check_norms(
+    sq_norms: dict[int, float],
+    active: list[int],
+    updates: Sequence[UpdateInput],
+    options: AggregationOptions,
+    scales: list[float],
+    *,
+    final: bool,
+) -> None:
+    bound = options.max_update_norm
+    if bound <= 0:
+        return
+    for i in active:
+        norm = math.sqrt(sq_norms[i])
+        if norm <= bound or scales[i] != 1.0:
+            continue
+        if options.clip_to_norm and math.isfinite(norm):
+            if final:
+                # Clipping needs the whole norm, known only now: rerun with the scale.
+                scales[i] = bound / norm
+                raise _ClipUpdate(i, norm)
+            continue
+        raise _RejectUpdate(i, Outcome.NORM_EXCEEDED, f"L2 norm {norm:.6g} exceeds max_update_norm {bound:g}")
+
+
+class _ClipUpdate(_Restart):
+    def __init__(self, index: int, norm: float) -> None:
+        super().__init__(f"update {index} clipped from norm {norm}")
+        self.index = index
+        self.norm = norm
+
+
+def _integer_rule(
+    entry: TensorEntry,
+    numel: int,
+    base_data: memoryview | bytes,
+    views: list[torch.Tensor],
+    active: list[int],
+    updates: Sequence[UpdateInput],
+    int_weights: list[float],
+    buffers: _Buffers,
+) -> torch.Tensor:
+    """Integer tensors: base + round(sample-weighted mean delta); full weights: round(weighted mean).
+    Bool tensors keep the base value."""
+    base_t = _view(base_data, entry)
+    output = buffers.out(base_t.dtype, numel)
+    if entry.dtype == "BOOL" or numel == 0:
+        output.copy_(base_t)
+        return output
+    mean = torch.zeros(numel, dtype=torch.float64)
+    base64 = base_t.to(torch.float64)
+    for k, (i, view) in enumerate(zip(active, views, strict=True)):
+        delta = view.to(torch.float64) - base64 if updates[i].full_weights else view.to(torch.float64)
+        mean.add_(delta, alpha=int_weights[k])
+    output.copy_((base64 + mean).round_())
+    return output
+
+
+def _load_state(
+    algorithm: ServerAlgorithm, state: BlobReader | None, entry: TensorEntry, buffers: _Buffers, numel: int
+) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    like = buffers.base[:numel]
+    for slot in algorithm.state_slots:
+        name = state_tensor_name(slot, entry.name)
+        if state is not None and name in state.header:
+            stored = state.header.entry(name)
+            if stored.shape != entry.shape:
+                raise SafetensorsError(
+                    f"optimizer state {name!r} has shape {list(stored.shape)}, the model {list(entry.shape)}"
+                )
+            tensors[slot] = _view(state.tensor_bytes(stored), stored).to(buffers.dtype).clone()
+        else:
+            tensors[slot] = algorithm.initial_state(slot, like)
+    return tensors
+
+
+def iter_outcome_lines(result: AggregationResult) -> Iterator[str]:
+    for o in result.outcomes:
+        yield f"update {o.index}: {o.outcome.value} weight={o.weight:.4g} norm={o.l2_norm:.4g} {o.message}".rstrip()
