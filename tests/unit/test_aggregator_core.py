@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from fedhpc.aggregator.algorithms import make_algorithm
 from fedhpc.aggregator.core import (
     AggregationOptions,
-    MappedFile,
+    FileReader,
     NotEnoughUpdates,
     Outcome,
     UpdateInput,
@@ -76,11 +76,11 @@ def _run(
     algo = make_algorithm(algorithm, params)
     with open(out_path, "w+b") as out, open(state_path, "w+b") as state_out:
         result = aggregate(
-            MappedFile(base),
+            FileReader(base),
             updates,
             algo,
             out,
-            state=MappedFile(state) if state else None,
+            state=FileReader(state) if state else None,
             state_out=state_out if algo.state_slots else None,
             options=options,
         )
@@ -91,7 +91,7 @@ def _run(
 def _inputs(paths: list[Path], samples: list[int] | None = None, **kw: object) -> list[UpdateInput]:
     samples = samples or [10 * (i + 1) for i in range(len(paths))]
     return [
-        UpdateInput(MappedFile(p), num_samples=n, name=p.name, **kw)
+        UpdateInput(FileReader(p), num_samples=n, name=p.name, **kw)
         for p, n in zip(paths, samples, strict=True)
     ]  # type: ignore[arg-type]
 
@@ -239,10 +239,10 @@ def test_a_bad_update_is_rejected_with_its_reason_and_the_rest_aggregated(
     base, updates = files
     good = _inputs(updates, [10, 20, 30, 40])
     if kind == "checksum":
-        bad = UpdateInput(MappedFile(updates[0]), num_samples=50, sha256="0" * 64)
+        bad = UpdateInput(FileReader(updates[0]), num_samples=50, sha256="0" * 64)
     else:
         path, _ = _bad(tmp_path, kind)
-        bad = UpdateInput(MappedFile(path), num_samples=50)
+        bad = UpdateInput(FileReader(path), num_samples=50)
     options = AggregationOptions(max_update_norm=50.0)
     got, result, _ = _run(tmp_path, base, [*good[:2], bad, *good[2:]], options=options)
     rejected = result.outcomes[2]  # type: ignore[attr-defined]
@@ -261,7 +261,7 @@ def test_clipping_scales_an_update_down_to_the_bound(files: tuple[Path, list[Pat
     _, result, _ = _run(
         tmp_path,
         base,
-        [*_inputs(updates[:1], [10]), UpdateInput(MappedFile(big), num_samples=10)],
+        [*_inputs(updates[:1], [10]), UpdateInput(FileReader(big), num_samples=10)],
         options=options,
     )
     clipped = result.outcomes[1]  # type: ignore[attr-defined]
@@ -275,8 +275,8 @@ def test_below_min_accepted_fails_with_every_reason(files: tuple[Path, list[Path
     shape, _ = _bad(tmp_path, "shape")
     inputs = [
         *_inputs(updates[:1]),
-        UpdateInput(MappedFile(nan), num_samples=1),
-        UpdateInput(MappedFile(shape), num_samples=1),
+        UpdateInput(FileReader(nan), num_samples=1),
+        UpdateInput(FileReader(shape), num_samples=1),
     ]
     with pytest.raises(NotEnoughUpdates) as err:
         _run(tmp_path, base, inputs, options=AggregationOptions(min_accepted=2))

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import mmap
 import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -36,8 +36,9 @@ from fedhpc.common.tensors import (
     SafetensorsWriter,
     TensorEntry,
     TensorSource,
+    TruncatedError,
     VerifiedBlob,
-    parse_header,
+    read_header,
     read_source_header,
 )
 
@@ -58,7 +59,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 _FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 # Elements per accumulation step: small enough that a chunk of the accumulator and
 # of each update stay in cache while every update is added to it.
-CHUNK_ELEMENTS = 1 << 17
+CHUNK_ELEMENTS = 1 << 19
 COMPRESSED_DTYPES = {"": None, "bf16": "BF16", "fp16": "F16"}
 
 
@@ -82,61 +83,66 @@ class Outcome(StrEnum):
 
 
 class BlobReader(Protocol):
-    """Random access to one safetensors blob."""
+    """Random access to one safetensors blob: the caller supplies (and reuses) the buffers."""
 
     @property
     def header(self) -> SafetensorsHeader: ...
-    def tensor_bytes(self, entry: TensorEntry) -> memoryview | bytes: ...
-    def header_bytes(self) -> memoryview | bytes: ...
+    def readinto(self, offset: int, view: memoryview) -> None: ...
+    def read(self, offset: int, length: int) -> bytes: ...
+    def sha256(self) -> str: ...
     def close(self) -> None: ...
 
 
-class MappedFile:
-    """A local safetensors file, memory-mapped read-only: tensor bytes are views, never copies.
+class FileReader:
+    """A local safetensors file, read with pread into the caller's buffers.
 
-    MAP_POPULATE maps the whole file up front, much cheaper than one page fault per
-    4 KiB touched later while summing.
+    Nothing is mapped: memory stays O(buffers) whatever the number and size of the
+    files, and reading into reused buffers avoids the fault on every fresh page that
+    makes touching new memory slow.
     """
 
     def __init__(self, path: Path | str) -> None:
-        fd = os.open(path, os.O_RDONLY)
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                raise SafetensorsError(f"{path} is empty")
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            self._map = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        self._view = memoryview(self._map)
-        self._header = parse_header(self._view[: min(size, 8 + _header_len(self._view))], file_size=size)
+            self._size = os.fstat(self._fd).st_size
+            self._header = read_header(self.read, file_size=self._size)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     @property
     def header(self) -> SafetensorsHeader:
         return self._header
 
-    def tensor_bytes(self, entry: TensorEntry) -> memoryview:
-        return self._view[entry.begin : entry.end]
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
 
-    def header_bytes(self) -> memoryview:
-        return self._view[: self._header.data_start]
+    def readinto(self, offset: int, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise TruncatedError(f"{self.path} ends at byte {offset + got}, inside a tensor")
+            got += n
 
-    def whole(self) -> memoryview:
-        return self._view
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        buffer = memoryview(bytearray(1 << 20))
+        offset = 0
+        while n := os.preadv(self._fd, [buffer], offset):
+            digest.update(buffer[:n])
+            offset += n
+        return digest.hexdigest()
 
     def close(self) -> None:
-        self._view.release()
-        self._map.close()
-
-
-def _header_len(view: memoryview) -> int:
-    if len(view) < 8:
-        raise SafetensorsError("file is shorter than the 8-byte header length")
-    return int.from_bytes(view[:8], "little")
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class SourceReader:
-    """Any TensorSource (e.g. an object in S3): tensor bytes by ranged reads."""
+    """Any TensorSource (e.g. an object in S3): ranged reads."""
 
     def __init__(self, source: TensorSource) -> None:
         self._source = source
@@ -146,11 +152,21 @@ class SourceReader:
     def header(self) -> SafetensorsHeader:
         return self._header
 
-    def tensor_bytes(self, entry: TensorEntry) -> bytes:
-        return self._source.read_range(entry.begin, entry.nbytes)
+    def read(self, offset: int, length: int) -> bytes:
+        return self._source.read_range(offset, length)
 
-    def header_bytes(self) -> bytes:
-        return self._source.read_range(0, self._header.data_start)
+    def readinto(self, offset: int, view: memoryview) -> None:
+        data = self._source.read_range(offset, len(view))
+        if len(data) != len(view):
+            raise TruncatedError(f"blob ends at byte {offset + len(data)}, inside a tensor")
+        view[:] = data
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        step = 8 << 20
+        for offset in range(0, self._source.size, step):
+            digest.update(self._source.read_range(offset, min(step, self._source.size - offset)))
+        return digest.hexdigest()
 
     def close(self) -> None:
         close = getattr(self._source, "close", None)
@@ -189,6 +205,8 @@ class AggregationOptions:
     clip_to_norm: bool = False
     min_accepted: int = 1
     verify_checksums: bool = True
+    # Worker threads reading and summing chunks (torch ops and pread release the GIL).
+    threads: int = 2
 
 
 @dataclass
@@ -234,14 +252,31 @@ def state_tensor_name(slot: str, tensor: str) -> str:
     return f"{slot}/{tensor}"
 
 
-class _Buffers:
-    """Scratch tensors reused across tensors (and, held by the caller, across rounds)."""
+class _WorkerBuffer:
+    """One worker's read buffer, with a tensor view per dtype made once."""
 
-    def __init__(self, numel: int, dtype: torch.dtype) -> None:
+    def __init__(self, nbytes: int) -> None:
+        self.raw = bytearray(nbytes)
+        self.view = memoryview(self.raw)
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def tensor(self, code: str, numel: int) -> torch.Tensor:
+        whole = self._tensors.get(code)
+        if whole is None:
+            whole = torch.frombuffer(self.raw, dtype=_TORCH_DTYPES[code])
+            self._tensors[code] = whole
+        return whole[:numel]
+
+
+class _Buffers:
+    """Scratch reused across tensors (and, when the caller keeps it, across rounds)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, workers: int) -> None:
         self.dtype = dtype
         self.acc = torch.empty(numel, dtype=dtype)
         self.base = torch.empty(numel, dtype=dtype)
         self.scratch = torch.empty(numel, dtype=dtype)
+        self.workers = [_WorkerBuffer(CHUNK_ELEMENTS * 8) for _ in range(workers)]
         self._out: dict[torch.dtype, torch.Tensor] = {}
 
     def out(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -314,20 +349,64 @@ def aggregate(
         problem = _check_header(base.header, update.reader.header, update.compression)
         if problem:
             outcomes[i].outcome, outcomes[i].message = problem
-    if options.verify_checksums:
-        verify_started = time.perf_counter()
-        for i, update in enumerate(updates):
-            if outcomes[i].outcome.accepted and update.sha256:
-                actual = _sha256(update.reader)
-                if actual != update.sha256.lower():
-                    outcomes[i].outcome = Outcome.CHECKSUM_MISMATCH
-                    outcomes[i].message = f"sha256 is {actual}, the update reference says {update.sha256}"
-        timing.verify_s = time.perf_counter() - verify_started
+    threads = max(1, options.threads)
+    torch_threads = torch.get_num_threads()
+    # Our workers already use the cores; torch's own intra-op threads would oversubscribe them.
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="fedhpc-aggregate") as pool:
+            if options.verify_checksums:
+                _verify_checksums(updates, outcomes, pool, timing)
+            return _aggregate_passes(
+                base,
+                updates,
+                algorithm,
+                out,
+                state,
+                state_out,
+                options,
+                metadata,
+                outcomes,
+                timing,
+                pool,
+                started,
+            )
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _verify_checksums(
+    updates: Sequence[UpdateInput],
+    outcomes: list[UpdateOutcome],
+    pool: ThreadPoolExecutor,
+    timing: AggregationTiming,
+) -> None:
+    verify_started = time.perf_counter()
+    todo = [i for i, u in enumerate(updates) if outcomes[i].outcome.accepted and u.sha256]
+    for i, actual in zip(todo, pool.map(lambda i: updates[i].reader.sha256(), todo), strict=True):
+        if actual != updates[i].sha256.lower():
+            outcomes[i].outcome = Outcome.CHECKSUM_MISMATCH
+            outcomes[i].message = f"sha256 is {actual}, the update reference says {updates[i].sha256}"
+    timing.verify_s = time.perf_counter() - verify_started
+
+
+def _aggregate_passes(
+    base: BlobReader,
+    updates: Sequence[UpdateInput],
+    algorithm: ServerAlgorithm,
+    out: BinaryIO,
+    state: BlobReader | None,
+    state_out: BinaryIO | None,
+    options: AggregationOptions,
+    metadata: Mapping[str, str] | None,
+    outcomes: list[UpdateOutcome],
+    timing: AggregationTiming,
+    pool: ThreadPoolExecutor,
+    started: float,
+) -> AggregationResult:
     dtype = torch.float64 if options.accumulate_float64 else torch.float32
-    largest = max(
-        (e.nbytes // max(1, _TORCH_DTYPES[e.dtype].itemsize) for e in base.header.entries), default=1
-    )
-    buffers = _Buffers(max(1, largest), dtype)
+    largest = max((math.prod(e.shape) for e in base.header.entries), default=1)
+    buffers = _Buffers(max(1, largest), dtype, max(1, options.threads))
     scales = [1.0] * len(updates)
     while True:
         active = [i for i, o in enumerate(outcomes) if o.outcome.accepted]
@@ -353,10 +432,13 @@ def aggregate(
                 options,
                 metadata,
                 timing,
+                pool,
             )
         except _RejectUpdate as reject:
-            outcomes[reject.index].outcome = reject.outcome
-            outcomes[reject.index].message = reject.message
+            # The job numbers updates among the active ones.
+            index = active[reject.index] if reject.in_active else reject.index
+            outcomes[index].outcome = reject.outcome
+            outcomes[index].message = reject.message
             continue
         except _ClipUpdate as clip:
             outcomes[clip.index].outcome = Outcome.CLIPPED
@@ -375,18 +457,6 @@ def aggregate(
     return AggregationResult(outcomes=outcomes, weights=weights_blob, state=state_blob, timing=timing)
 
 
-def _sha256(reader: BlobReader) -> str:
-    digest = hashlib.sha256()
-    whole = getattr(reader, "whole", None)
-    if callable(whole):
-        digest.update(whole())
-        return digest.hexdigest()
-    digest.update(reader.header_bytes())
-    for entry in reader.header.entries:
-        digest.update(reader.tensor_bytes(entry))
-    return digest.hexdigest()
-
-
 def _one_pass(
     base: BlobReader,
     updates: Sequence[UpdateInput],
@@ -400,6 +470,7 @@ def _one_pass(
     options: AggregationOptions,
     metadata: Mapping[str, str] | None,
     timing: AggregationTiming,
+    pool: ThreadPoolExecutor,
 ) -> tuple[VerifiedBlob, VerifiedBlob | None, dict[int, float]]:
     infos = [UpdateInfo(updates[i].num_samples, updates[i].staleness) for i in active]
     weights = [w * scales[i] for w, i in zip(algorithm.weights(infos), active, strict=True)]
@@ -424,27 +495,31 @@ def _one_pass(
     for entry in entries:
         compute_started = time.perf_counter()
         numel = math.prod(entry.shape)
-        base_data = base.tensor_bytes(entry)
-        views = []
-        for i in active:
-            reader = updates[i].reader
-            # Each update has its own layout: its header gives this tensor's byte range.
-            own = reader.header.entry(entry.name)
-            views.append(_view(reader.tensor_bytes(own), own))
-            timing.bytes_read += own.nbytes
+        # Each update has its own layout: its header gives this tensor's byte range.
+        own = [updates[i].reader.header.entry(entry.name) for i in active]
+        timing.bytes_read += sum(e.nbytes for e in own)
         if entry.dtype in _FLOAT_CODES:
-            result = _accumulate_float(
-                entry, numel, base_data, views, active, updates, weights, buffers, sq_norms
-            )
-            _check_norms(sq_norms, active, updates, options, scales, final=False)
             state_tensors = _load_state(algorithm, state, entry, buffers, numel)
-            new = algorithm.apply(
-                buffers.base[:numel], result, state_tensors, scratch=buffers.scratch[:numel]
-            )
             output = buffers.out(_TORCH_DTYPES[entry.dtype], numel)
-            output.copy_(new)
+            job = _FloatTensorJob(
+                entry,
+                numel,
+                base,
+                [updates[i] for i in active],
+                own,
+                weights,
+                state_tensors,
+                algorithm,
+                buffers,
+                output,
+            )
+            for i, sq in zip(active, job.run(pool), strict=True):
+                sq_norms[i] += sq
+            _check_norms(sq_norms, active, updates, options, scales, final=False)
         else:
-            output = _integer_rule(entry, numel, base_data, views, active, updates, int_weights, buffers)
+            output = _integer_rule(
+                entry, numel, base, [updates[i] for i in active], own, int_weights, buffers
+            )
             state_tensors = {}
         timing.compute_s += time.perf_counter() - compute_started
         write_started = time.perf_counter()
@@ -458,59 +533,97 @@ def _one_pass(
     return writer.close(), state_writer.close() if state_writer is not None else None, norms
 
 
-def _accumulate_float(
-    entry: TensorEntry,
-    numel: int,
-    base_data: memoryview | bytes,
-    views: list[torch.Tensor],
-    active: list[int],
-    updates: Sequence[UpdateInput],
-    weights: list[float],
-    buffers: _Buffers,
-    sq_norms: dict[int, float],
-) -> torch.Tensor:
-    """acc = sum_i w_i * delta_i over the tensor, in chunks that stay in cache; also each update's
-    squared L2 norm and a finiteness check, in the same pass."""
-    acc = buffers.acc[:numel]
-    base_f = buffers.base[:numel]
-    base_f.copy_(_view(base_data, entry))
-    # Full-weights updates add w * local; their delta is local - base, so base comes off once.
-    full_weight = sum(weights[k] for k, i in enumerate(active) if updates[i].full_weights)
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        end = min(numel, start + CHUNK_ELEMENTS)
-        acc_c = acc[start:end]
-        acc_c.zero_()
-        base_c = base_f[start:end]
-        scratch = buffers.scratch[: end - start]
-        for k, (i, view) in enumerate(zip(active, views, strict=True)):
-            part = view[start:end]
-            if updates[i].full_weights:
-                # The update's delta is local - base: its norm needs it, its sum does not.
-                torch.sub(part, base_c, out=scratch)
-                sq = float(torch.dot(scratch, scratch))
-                acc_c.add_(part, alpha=weights[k])
-            else:
-                if part.dtype == buffers.dtype:
-                    sq = float(torch.dot(part, part))
+class _FloatTensorJob:
+    """One float tensor: base, every update's delta and the algorithm step, chunk by chunk.
+
+    Chunks are dealt round-robin to the worker threads; each reads its chunk of the
+    base and of every update into its own small buffer (so the data is in cache when
+    it is summed), adds it to the accumulator, records squared norms and finiteness,
+    then applies the algorithm to that chunk (every algorithm is elementwise).
+    """
+
+    def __init__(
+        self,
+        entry: TensorEntry,
+        numel: int,
+        base: BlobReader,
+        updates: list[UpdateInput],
+        own: list[TensorEntry],
+        weights: list[float],
+        state: dict[str, torch.Tensor],
+        algorithm: ServerAlgorithm,
+        buffers: _Buffers,
+        output: torch.Tensor,
+    ) -> None:
+        self.entry, self.numel, self.base, self.updates, self.own = entry, numel, base, updates, own
+        self.weights, self.state, self.algorithm, self.buffers, self.output = (
+            weights,
+            state,
+            algorithm,
+            buffers,
+            output,
+        )
+        # Full-weights updates add w * local; their delta is local - base, so base comes off once.
+        self.full_weight = sum(w for w, u in zip(weights, updates, strict=True) if u.full_weights)
+
+    def run(self, pool: ThreadPoolExecutor) -> list[float]:
+        workers = len(self.buffers.workers)
+        futures = [pool.submit(self._work, k, workers) for k in range(workers)]
+        wait(futures)  # every worker is done with the shared buffers before anyone moves on
+        totals = [0.0] * len(self.updates)
+        for future in futures:
+            for j, sq in enumerate(future.result()):
+                totals[j] += sq
+        return totals
+
+    def _work(self, worker: int, workers: int) -> list[float]:
+        buffer = self.buffers.workers[worker]
+        acc_dtype = self.buffers.dtype
+        sq = [0.0] * len(self.updates)
+        base_size = _TORCH_DTYPES[self.entry.dtype].itemsize
+        for start in range(worker * CHUNK_ELEMENTS, self.numel, workers * CHUNK_ELEMENTS):
+            end = min(self.numel, start + CHUNK_ELEMENTS)
+            n = end - start
+            base_c = self.buffers.base[start:end]
+            acc_c = self.buffers.acc[start:end]
+            scratch_c = self.buffers.scratch[start:end]
+            self.base.readinto(self.entry.begin + start * base_size, buffer.view[: n * base_size])
+            base_c.copy_(buffer.tensor(self.entry.dtype, n))
+            acc_c.zero_()
+            for j, (update, own) in enumerate(zip(self.updates, self.own, strict=True)):
+                size = _TORCH_DTYPES[own.dtype].itemsize
+                update.reader.readinto(own.begin + start * size, buffer.view[: n * size])
+                part = buffer.tensor(own.dtype, n)
+                if update.full_weights:
+                    torch.sub(part, base_c, out=scratch_c)
+                    delta = scratch_c
+                elif part.dtype != acc_dtype:
+                    scratch_c.copy_(part)
+                    delta = scratch_c
                 else:
-                    scratch.copy_(part)
-                    sq = float(torch.dot(scratch, scratch))
-                acc_c.add_(part, alpha=weights[k])
-            if not math.isfinite(sq):
-                values = scratch if updates[i].full_weights else part
-                if not bool(torch.isfinite(values).all()):
-                    raise _RejectUpdate(i, Outcome.NOT_FINITE, f"tensor {entry.name!r} holds NaN or Inf")
-                sq = math.inf  # finite values whose squares overflow: an enormous norm
-            sq_norms[i] += sq
-        if full_weight:
-            acc_c.sub_(base_c, alpha=full_weight)
-    return acc
+                    delta = part
+                square = float(torch.dot(delta, delta))
+                if not math.isfinite(square):
+                    if not bool(torch.isfinite(delta).all()):
+                        raise _RejectUpdate(
+                            j, Outcome.NOT_FINITE, f"tensor {self.entry.name!r} holds NaN or Inf"
+                        )
+                    square = math.inf  # finite values whose squares overflow: an enormous norm
+                sq[j] += square
+                acc_c.add_(part, alpha=self.weights[j])
+            if self.full_weight:
+                acc_c.sub_(base_c, alpha=self.full_weight)
+            state_c = {slot: tensor[start:end] for slot, tensor in self.state.items()}
+            new = self.algorithm.apply(base_c, acc_c, state_c, scratch=scratch_c)
+            self.output[start:end].copy_(new)
+        return sq
 
 
 class _RejectUpdate(_Restart):
-    def __init__(self, index: int, outcome: Outcome, message: str) -> None:
+    def __init__(self, index: int, outcome: Outcome, message: str, *, in_active: bool = True) -> None:
         super().__init__(message)
         self.index = index
+        self.in_active = in_active
         self.outcome = outcome
         self.message = message
 
@@ -537,7 +650,9 @@ def _check_norms(
                 scales[i] = bound / norm
                 raise _ClipUpdate(i, norm)
             continue
-        raise _RejectUpdate(i, Outcome.NORM_EXCEEDED, f"L2 norm {norm:.6g} exceeds max_update_norm {bound:g}")
+        raise _RejectUpdate(
+            i, Outcome.NORM_EXCEEDED, f"L2 norm {norm:.6g} exceeds max_update_norm {bound:g}", in_active=False
+        )
 
 
 class _ClipUpdate(_Restart):
@@ -550,25 +665,24 @@ class _ClipUpdate(_Restart):
 def _integer_rule(
     entry: TensorEntry,
     numel: int,
-    base_data: memoryview | bytes,
-    views: list[torch.Tensor],
-    active: list[int],
-    updates: Sequence[UpdateInput],
+    base: BlobReader,
+    updates: list[UpdateInput],
+    own: list[TensorEntry],
     int_weights: list[float],
     buffers: _Buffers,
 ) -> torch.Tensor:
     """Integer tensors: base + round(sample-weighted mean delta); full weights: round(weighted mean).
-    Bool tensors keep the base value."""
-    base_t = _view(base_data, entry)
+    Bool tensors keep the base value. (Small tensors: read whole.)"""
+    base_t = _view(base.read(entry.begin, entry.nbytes), entry)
     output = buffers.out(base_t.dtype, numel)
     if entry.dtype == "BOOL" or numel == 0:
         output.copy_(base_t)
         return output
-    mean = torch.zeros(numel, dtype=torch.float64)
     base64 = base_t.to(torch.float64)
-    for k, (i, view) in enumerate(zip(active, views, strict=True)):
-        delta = view.to(torch.float64) - base64 if updates[i].full_weights else view.to(torch.float64)
-        mean.add_(delta, alpha=int_weights[k])
+    mean = torch.zeros(numel, dtype=torch.float64)
+    for update, entry_u, weight in zip(updates, own, int_weights, strict=True):
+        values = _view(update.reader.read(entry_u.begin, entry_u.nbytes), entry_u).to(torch.float64)
+        mean.add_(values - base64 if update.full_weights else values, alpha=weight)
     output.copy_((base64 + mean).round_())
     return output
 
@@ -586,7 +700,7 @@ def _load_state(
                 raise SafetensorsError(
                     f"optimizer state {name!r} has shape {list(stored.shape)}, the model {list(entry.shape)}"
                 )
-            tensors[slot] = _view(state.tensor_bytes(stored), stored).to(buffers.dtype).clone()
+            tensors[slot] = _view(state.read(stored.begin, stored.nbytes), stored).to(buffers.dtype).clone()
         else:
             tensors[slot] = algorithm.initial_state(slot, like)
     return tensors
