@@ -106,6 +106,70 @@ def registry_serve(
     serve(config)
 
 
+@main.group()
+def aggregator() -> None:
+    """The aggregator service."""
+
+
+@aggregator.command("serve")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="FEDHPC_CONFIG",
+    help="YAML configuration file (default: $FEDHPC_CONFIG, else built-in defaults).",
+)
+@click.option("--host", help="Address to bind (overrides aggregator.server.host).")
+@click.option("--port", type=int, help="gRPC port (overrides aggregator.server.port; 0 = any free port).")
+@click.option("--metrics-port", type=int, help="Prometheus port (overrides aggregator.server.metrics_port).")
+@click.option(
+    "--registry",
+    "registry_address",
+    help="Registry address host:port (overrides aggregator.registry_address).",
+)
+@click.option(
+    "--store-root",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Read base models and updates from the file object store under this directory (overrides store).",
+)
+def aggregator_serve(
+    config_path: Path | None,
+    host: str | None,
+    port: int | None,
+    metrics_port: int | None,
+    registry_address: str | None,
+    store_root: Path | None,
+) -> None:
+    """Serve the Aggregator gRPC API until SIGTERM/SIGINT.
+
+    It reads the base model, the updates and optimizer state from the object
+    store the registry uses, and writes new versions through the registry.
+
+    \b
+    Example (next to a registry on the embedded file store):
+      fedhpc aggregator serve --store-root .fedhpc/store --registry 127.0.0.1:50051 --port 50052
+    """
+    server: dict[str, Any] = {}
+    if host is not None:
+        server["host"] = host
+    if port is not None:
+        server["port"] = port
+    if metrics_port is not None:
+        server["metrics_port"] = metrics_port
+    settings: dict[str, Any] = {"server": server} if server else {}
+    if registry_address is not None:
+        settings["registry_address"] = registry_address
+    overrides: dict[str, Any] = {"aggregator": settings} if settings else {}
+    if store_root is not None:
+        overrides["store"] = {"kind": "file", "root": str(store_root)}
+    config = _load(config_path, overrides)
+    configure_logging(config.log.level, config.log.json_format)
+    tune_malloc_for_streaming()
+    from fedhpc.aggregator.server import serve
+
+    serve(config)
+
+
 # -- registry client -----------------------------------------------------------------------
 def _client_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(

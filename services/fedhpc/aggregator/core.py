@@ -207,6 +207,8 @@ class AggregationOptions:
     verify_checksums: bool = True
     # Worker threads reading and summing chunks (torch ops and pread release the GIL).
     threads: int = 2
+    # Elements per chunk; larger for object-store sources, where every chunk is a request.
+    chunk_elements: int = CHUNK_ELEMENTS
 
 
 @dataclass
@@ -271,12 +273,13 @@ class _WorkerBuffer:
 class _Buffers:
     """Scratch reused across tensors (and, when the caller keeps it, across rounds)."""
 
-    def __init__(self, numel: int, dtype: torch.dtype, workers: int) -> None:
+    def __init__(self, numel: int, dtype: torch.dtype, workers: int, chunk_elements: int) -> None:
         self.dtype = dtype
+        self.chunk_elements = chunk_elements
         self.acc = torch.empty(numel, dtype=dtype)
         self.base = torch.empty(numel, dtype=dtype)
         self.scratch = torch.empty(numel, dtype=dtype)
-        self.workers = [_WorkerBuffer(CHUNK_ELEMENTS * 8) for _ in range(workers)]
+        self.workers = [_WorkerBuffer(chunk_elements * 8) for _ in range(workers)]
         self._out: dict[torch.dtype, torch.Tensor] = {}
 
     def out(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -406,7 +409,7 @@ def _aggregate_passes(
 ) -> AggregationResult:
     dtype = torch.float64 if options.accumulate_float64 else torch.float32
     largest = max((math.prod(e.shape) for e in base.header.entries), default=1)
-    buffers = _Buffers(max(1, largest), dtype, max(1, options.threads))
+    buffers = _Buffers(max(1, largest), dtype, max(1, options.threads), max(1, options.chunk_elements))
     scales = [1.0] * len(updates)
     while True:
         active = [i for i, o in enumerate(outcomes) if o.outcome.accepted]
@@ -581,8 +584,9 @@ class _FloatTensorJob:
         acc_dtype = self.buffers.dtype
         sq = [0.0] * len(self.updates)
         base_size = _TORCH_DTYPES[self.entry.dtype].itemsize
-        for start in range(worker * CHUNK_ELEMENTS, self.numel, workers * CHUNK_ELEMENTS):
-            end = min(self.numel, start + CHUNK_ELEMENTS)
+        chunk = self.buffers.chunk_elements
+        for start in range(worker * chunk, self.numel, workers * chunk):
+            end = min(self.numel, start + chunk)
             n = end - start
             base_c = self.buffers.base[start:end]
             acc_c = self.buffers.acc[start:end]

@@ -189,11 +189,31 @@ class LogConfig(_Model):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class AggregatorConfig(_Model):
+    """The aggregator service: reads base and updates from the store, writes through the registry."""
+
+    server: ServerConfig = Field(default_factory=lambda: ServerConfig(port=50052, metrics_port=9102))
+    registry_address: str = Field(default="127.0.0.1:50051", description="Registry gRPC address host:port.")
+    registry_token: SecretStr | None = Field(
+        default=None, description="Bearer token for the registry (admin)."
+    )
+    registry_tls_ca: Path | None = Field(default=None, description="PEM CA bundle for a TLS registry.")
+    spool_dir: Path | None = Field(
+        default=None,
+        description="Where new weights are written before upload (default: the system temp dir).",
+    )
+    threads: int = Field(default=4, ge=1, le=64, description="Worker threads reading and summing chunks.")
+    chunk_mb: int = Field(
+        default=8, ge=1, le=256, description="Bytes of each update read per request from the store (MiB)."
+    )
+
+
 class FedhpcConfig(_Model):
     """The whole configuration file."""
 
     store: StoreConfig = Field(default_factory=FileStoreConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
 

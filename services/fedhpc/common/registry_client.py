@@ -190,6 +190,7 @@ class RegistryClient:
         producer: str = "",
         metrics: Mapping[str, float] | None = None,
         aliases: Sequence[str] = ("latest",),
+        kind: common_pb2.BlobKind.ValueType = common_pb2.BLOB_KIND_MODEL,
         verified: VerifiedBlob | None = None,
         progress: ProgressCallback | None = None,
     ) -> registry_pb2.ModelVersion:
@@ -241,6 +242,7 @@ class RegistryClient:
             algorithm=algorithm,
             producer=producer or f"cli/{os.environ.get('USER', 'unknown')}",
             metrics=metrics,
+            kind=kind,
         )
         manifest.created_at.CopyFrom(timestamp_now())
         return self._stub.CommitVersion(
