@@ -235,3 +235,70 @@ def test_fedadam_state_lives_in_the_registry_between_rounds(stack: tuple, tmp_pa
     )
     assert second.version.manifest.parent == "r1" and second.optimizer_state.version == "r2"
     assert [v.manifest.version for v in registry.list_versions("exp1")] == ["r0", "r1", "r2"]
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedadam"])
+def test_sharded_aggregation_commits_once_and_matches_unsharded(
+    stack: tuple, tmp_path: Path, algorithm: str
+) -> None:  # type: ignore[type-arg]
+    registry, aggregator, store = stack
+    _push_base(registry, tmp_path)
+    refs = [_put_update(store, tmp_path, f"s{i}", _tensors(i + 1, 0.01), 10 * (i + 1)) for i in range(3)]
+    base = common_pb2.ModelRef(model="exp1", version="r0")
+    spec = aggregator_pb2.AlgorithmSpec(name=algorithm)
+    whole = aggregator.Aggregate(
+        aggregator_pb2.AggregateRequest(base=base, updates=refs, algorithm=spec, new_version="whole", round=1)
+    )
+    responses = [
+        aggregator.Aggregate(
+            aggregator_pb2.AggregateRequest(
+                base=base,
+                updates=refs,
+                algorithm=spec,
+                new_version="sharded",
+                round=1,
+                shard=aggregator_pb2.ShardSpec(shard_index=k, shard_count=3, aggregation_id="agg-r1"),
+            )
+        )
+        for k in (2, 0, 1)
+    ]
+    assert [(r.shards_done, r.complete) for r in responses] == [(1, False), (2, False), (3, True)]
+    assert not responses[0].HasField("version")
+    final = responses[-1]
+    assert final.version.manifest.version == "sharded"
+    # Byte for byte what one unsharded run writes.
+    assert final.version.manifest.sha256 == whole.version.manifest.sha256
+    assert [o.l2_norm for o in final.outcomes] == pytest.approx([o.l2_norm for o in whole.outcomes])
+    if algorithm == "fedadam":
+        a = _pull(registry, f"exp1.state:{final.optimizer_state.version}", tmp_path)
+        b = _pull(registry, f"exp1.state:{whole.optimizer_state.version}", tmp_path)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The shard parts are cleaned up once committed.
+    assert list(store.list("aggregations/")) == []
+
+
+def test_shards_that_disagree_on_an_update_do_not_commit(stack: tuple, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    registry, aggregator, store = stack
+    _push_base(registry, tmp_path)
+    poisoned = _tensors(5, 0.01)
+    poisoned["w1"][0, 0] = float("inf")  # only the shard holding w1 sees it
+    refs = [
+        _put_update(store, tmp_path, "ok", _tensors(1, 0.01), 10),
+        _put_update(store, tmp_path, "inf", poisoned, 10),
+    ]
+    base = common_pb2.ModelRef(model="exp1", version="r0")
+    requests = [
+        aggregator_pb2.AggregateRequest(
+            base=base,
+            updates=refs,
+            new_version="r1",
+            shard=aggregator_pb2.ShardSpec(shard_index=k, shard_count=2, aggregation_id="agg-bad"),
+        )
+        for k in range(2)
+    ]
+    aggregator.Aggregate(requests[0])
+    with pytest.raises(grpc.RpcError) as err:
+        aggregator.Aggregate(requests[1])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert "update 1: NOT_FINITE" in err.value.details()  # type: ignore[attr-defined]
+    assert [v.manifest.version for v in registry.list_versions("exp1")] == ["r0"]

@@ -293,3 +293,59 @@ def test_matches_numpy_written_files_too(tmp_path: Path) -> None:
     write_safetensors_file(upd, {"w": np.full((3, 4), 0.5, dtype=np.float32)})
     got, _, _ = _run(tmp_path, base, _inputs([upd], [1]))
     torch.testing.assert_close(got["w"], torch.full((3, 4), 1.5))
+
+
+# -- sharding -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedyogi"])
+@pytest.mark.parametrize("shard_count", [2, 3, 7])
+def test_sharded_results_are_bit_identical_to_unsharded(
+    files: tuple[Path, list[Path]], tmp_path: Path, algorithm: str, shard_count: int
+) -> None:
+    from fedhpc.aggregator.core import assemble, shard_tensors
+
+    base, updates = files
+    algo = make_algorithm(algorithm)
+    metadata = {"fedhpc.algorithm": algorithm}
+    base_reader = FileReader(base)
+    names = tuple(base_reader.header.names)
+
+    def run(tensors: tuple[str, ...] | None, tag: str) -> tuple[Path, Path]:
+        out, state = tmp_path / f"{tag}.safetensors", tmp_path / f"{tag}-state.safetensors"
+        with open(out, "w+b") as o, open(state, "w+b") as so:
+            aggregate(
+                base_reader,
+                _inputs(updates),
+                algo,
+                o,
+                state_out=so if algo.state_slots else None,
+                options=AggregationOptions(tensors=tensors),
+                metadata=metadata,
+            )
+        return out, state
+
+    whole, whole_state = run(None, "whole")
+    shards = [run(shard_tensors(base_reader.header, k, shard_count), f"shard{k}") for k in range(shard_count)]
+    owned = [shard_tensors(base_reader.header, k, shard_count) for k in range(shard_count)]
+    assert sorted(n for part in owned for n in part) == sorted(names)  # every tensor in exactly one shard
+    with open(tmp_path / "assembled.safetensors", "w+b") as out:
+        assembled = assemble(names, [FileReader(p) for p, _ in shards], out, metadata=metadata)
+    assert assembled.sha256 == hashlib.sha256(whole.read_bytes()).hexdigest()
+    if algo.state_slots:
+        state_names = tuple(FileReader(whole_state).header.names)
+        with open(tmp_path / "assembled-state.safetensors", "w+b") as out:
+            merged = assemble(
+                state_names, [FileReader(s) for _, s in shards], out, metadata={"fedhpc.algorithm": algorithm}
+            )
+        assert merged.sha256 == hashlib.sha256(whole_state.read_bytes()).hexdigest()
+
+
+def test_shard_assignment_balances_bytes_and_rejects_bad_indices(files: tuple[Path, list[Path]]) -> None:
+    from fedhpc.aggregator.core import shard_tensors
+
+    header = FileReader(files[0]).header
+    with pytest.raises(ValueError, match="shard_index"):
+        shard_tensors(header, 2, 2)
+    sizes = [sum(header.entry(n).nbytes for n in shard_tensors(header, k, 2)) for k in range(2)]
+    assert abs(sizes[0] - sizes[1]) <= max(e.nbytes for e in header.entries)

@@ -209,6 +209,8 @@ class AggregationOptions:
     threads: int = 2
     # Elements per chunk; larger for object-store sources, where every chunk is a request.
     chunk_elements: int = CHUNK_ELEMENTS
+    # Aggregate only these tensors (one shard of a sharded aggregation); None = all.
+    tensors: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -482,7 +484,8 @@ def _one_pass(
     int_weights = [
         (updates[i].num_samples / total_samples) if total_samples else 1.0 / len(active) for i in active
     ]
-    entries = base.header.entries
+    wanted = None if options.tensors is None else set(options.tensors)
+    entries = [e for e in base.header.entries if wanted is None or e.name in wanted]
     writer = SafetensorsWriter(out, [(e.name, e.dtype, e.shape) for e in entries], metadata=metadata)
     slots = algorithm.state_slots
     float_entries = [e for e in entries if e.dtype in _FLOAT_CODES]
@@ -713,3 +716,45 @@ def _load_state(
 def iter_outcome_lines(result: AggregationResult) -> Iterator[str]:
     for o in result.outcomes:
         yield f"update {o.index}: {o.outcome.value} weight={o.weight:.4g} norm={o.l2_norm:.4g} {o.message}".rstrip()
+
+
+def shard_tensors(header: SafetensorsHeader, shard_index: int, shard_count: int) -> tuple[str, ...]:
+    """The tensors shard `shard_index` of `shard_count` aggregates: largest first, each to the
+    shard with the fewest bytes so far, so shards read about the same amount. Deterministic."""
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+    loads = [0] * shard_count
+    owner: dict[str, int] = {}
+    for entry in sorted(header.entries, key=lambda e: (-e.nbytes, e.name)):
+        target = min(range(shard_count), key=lambda k: (loads[k], k))
+        owner[entry.name] = target
+        loads[target] += entry.nbytes
+    return tuple(e.name for e in header.entries if owner[e.name] == shard_index)
+
+
+def assemble(
+    names: Sequence[str],
+    parts: Sequence[BlobReader],
+    out: BinaryIO,
+    metadata: Mapping[str, str] | None = None,
+    chunk_bytes: int = 8 << 20,
+) -> VerifiedBlob:
+    """Write one safetensors file with tensors `names`, in that order, copied from whichever
+    shard output holds each (byte for byte: the result is what one unsharded run writes)."""
+    holder: dict[str, tuple[BlobReader, TensorEntry]] = {}
+    for part in parts:
+        for entry in part.header.entries:
+            holder[entry.name] = (part, entry)
+    missing = [n for n in names if n not in holder]
+    if missing:
+        raise SafetensorsError(f"no shard holds tensor(s) {', '.join(repr(n) for n in missing[:5])}")
+    writer = SafetensorsWriter(
+        out, [(n, holder[n][1].dtype, holder[n][1].shape) for n in names], metadata=metadata
+    )
+    buffer = bytearray(chunk_bytes)
+    for name in names:
+        part, entry = holder[name]
+        data = bytearray(entry.nbytes) if entry.nbytes > chunk_bytes else memoryview(buffer)[: entry.nbytes]
+        part.readinto(entry.begin, memoryview(data))
+        writer.write(name, data)
+    return writer.close()
