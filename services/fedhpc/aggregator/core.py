@@ -211,6 +211,9 @@ class AggregationOptions:
     chunk_elements: int = CHUNK_ELEMENTS
     # Aggregate only these tensors (one shard of a sharded aggregation); None = all.
     tensors: tuple[str, ...] | None = None
+    # Report each update's L2 norm (one dot product per chunk). Always on with max_update_norm;
+    # off, non-finite values are still caught (the sum turns NaN/Inf), at no extra pass.
+    compute_norms: bool = True
 
 
 @dataclass
@@ -518,6 +521,7 @@ def _one_pass(
                 algorithm,
                 buffers,
                 output,
+                norms=options.compute_norms or options.max_update_norm > 0,
             )
             for i, sq in zip(active, job.run(pool), strict=True):
                 sq_norms[i] += sq
@@ -560,6 +564,7 @@ class _FloatTensorJob:
         algorithm: ServerAlgorithm,
         buffers: _Buffers,
         output: torch.Tensor,
+        norms: bool = True,
     ) -> None:
         self.entry, self.numel, self.base, self.updates, self.own = entry, numel, base, updates, own
         self.weights, self.state, self.algorithm, self.buffers, self.output = (
@@ -569,6 +574,7 @@ class _FloatTensorJob:
             buffers,
             output,
         )
+        self.norms = norms
         # Full-weights updates add w * local; their delta is local - base, so base comes off once.
         self.full_weight = sum(w for w, u in zip(weights, updates, strict=True) if u.full_weights)
 
@@ -601,6 +607,9 @@ class _FloatTensorJob:
                 size = _TORCH_DTYPES[own.dtype].itemsize
                 update.reader.readinto(own.begin + start * size, buffer.view[: n * size])
                 part = buffer.tensor(own.dtype, n)
+                if not self.norms:
+                    acc_c.add_(part, alpha=self.weights[j])
+                    continue
                 if update.full_weights:
                     torch.sub(part, base_c, out=scratch_c)
                     delta = scratch_c
@@ -618,12 +627,26 @@ class _FloatTensorJob:
                     square = math.inf  # finite values whose squares overflow: an enormous norm
                 sq[j] += square
                 acc_c.add_(part, alpha=self.weights[j])
+            if not self.norms and not bool(torch.isfinite(acc_c).all()):
+                self._find_non_finite(start, n, buffer)
             if self.full_weight:
                 acc_c.sub_(base_c, alpha=self.full_weight)
             state_c = {slot: tensor[start:end] for slot, tensor in self.state.items()}
             new = self.algorithm.apply(base_c, acc_c, state_c, scratch=scratch_c)
             self.output[start:end].copy_(new)
         return sq
+
+    def _find_non_finite(self, start: int, n: int, buffer: _WorkerBuffer) -> None:
+        """The sum of a chunk is not finite: find the update that made it so (rare path)."""
+        for j, (update, own) in enumerate(zip(self.updates, self.own, strict=True)):
+            size = _TORCH_DTYPES[own.dtype].itemsize
+            update.reader.readinto(own.begin + start * size, buffer.view[: n * size])
+            if not bool(torch.isfinite(buffer.tensor(own.dtype, n)).all()):
+                raise _RejectUpdate(j, Outcome.NOT_FINITE, f"tensor {self.entry.name!r} holds NaN or Inf")
+        raise SafetensorsError(
+            f"the weighted sum of tensor {self.entry.name!r} overflowed although every update is finite; "
+            "accumulate in float64"
+        )
 
 
 class _RejectUpdate(_Restart):
