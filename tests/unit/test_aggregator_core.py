@@ -349,3 +349,17 @@ def test_shard_assignment_balances_bytes_and_rejects_bad_indices(files: tuple[Pa
         shard_tensors(header, 2, 2)
     sizes = [sum(header.entry(n).nbytes for n in shard_tensors(header, k, 2)) for k in range(2)]
     assert abs(sizes[0] - sizes[1]) <= max(e.nbytes for e in header.entries)
+
+
+def test_without_norms_a_non_finite_update_is_still_found(
+    files: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    base, updates = files
+    nan, _ = _bad(tmp_path, "nan")
+    inputs = [*_inputs(updates[:2]), UpdateInput(FileReader(nan), num_samples=5)]
+    got, result, _ = _run(tmp_path, base, inputs, options=AggregationOptions(compute_norms=False))
+    assert [o.outcome for o in result.outcomes] == [Outcome.ACCEPTED, Outcome.ACCEPTED, Outcome.NOT_FINITE]  # type: ignore[attr-defined]
+    assert "'fc.weight'" in result.outcomes[2].message  # type: ignore[attr-defined]
+    expected = _reference_fedavg(base, updates[:2], [10, 20])
+    for name in SHAPES:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5)
