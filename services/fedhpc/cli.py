@@ -51,27 +51,67 @@ def main() -> None:
 
 
 # -- services ------------------------------------------------------------------------------
+def _serve_options(service: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--config, --host, --port, --metrics-port and --store-root, shared by every `serve`."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option(
+            "--store-root",
+            type=click.Path(path_type=Path, file_okay=False),
+            help="Use the file object store under this directory (overrides store).",
+        )(func)
+        func = click.option(
+            "--metrics-port", type=int, help=f"Prometheus port (overrides {service}.server.metrics_port)."
+        )(func)
+        func = click.option(
+            "--port", type=int, help=f"gRPC port (overrides {service}.server.port; 0 = any free port)."
+        )(func)
+        func = click.option("--host", help=f"Address to bind (overrides {service}.server.host).")(func)
+        return click.option(
+            "--config",
+            "config_path",
+            type=click.Path(path_type=Path, dir_okay=False),
+            envvar="FEDHPC_CONFIG",
+            help="YAML configuration file (default: $FEDHPC_CONFIG, else built-in defaults).",
+        )(func)
+
+    return decorate
+
+
+def _serve_config(
+    service: str,
+    config_path: Path | None,
+    host: str | None,
+    port: int | None,
+    metrics_port: int | None,
+    store_root: Path | None,
+    settings: dict[str, Any] | None = None,
+) -> FedhpcConfig:
+    """The configuration with the command line's overrides applied, logging and malloc set up."""
+    server = {
+        key: value
+        for key, value in (("host", host), ("port", port), ("metrics_port", metrics_port))
+        if value is not None
+    }
+    section = dict(settings or {})
+    if server:
+        section["server"] = server
+    overrides: dict[str, Any] = {service: section} if section else {}
+    if store_root is not None:
+        overrides["store"] = {"kind": "file", "root": str(store_root)}
+    config = _load(config_path, overrides)
+    configure_logging(config.log.level, config.log.json_format)
+    tune_malloc_for_streaming()
+    return config
+
+
 @main.group()
 def registry() -> None:
     """The model registry service."""
 
 
 @registry.command("serve")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="FEDHPC_CONFIG",
-    help="YAML configuration file (default: $FEDHPC_CONFIG, else built-in defaults).",
-)
-@click.option("--host", help="Address to bind (overrides registry.server.host).")
-@click.option("--port", type=int, help="gRPC port (overrides registry.server.port; 0 = any free port).")
-@click.option("--metrics-port", type=int, help="Prometheus port (overrides registry.server.metrics_port).")
-@click.option(
-    "--store-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Use the file object store under this directory (overrides store).",
-)
+@_serve_options("registry")
 def registry_serve(
     config_path: Path | None,
     host: str | None,
@@ -88,19 +128,7 @@ def registry_serve(
       FEDHPC_STORE__KIND=s3 FEDHPC_STORE__ENDPOINT=127.0.0.1:9000 \\
       FEDHPC_STORE__ACCESS_KEY=... FEDHPC_STORE__SECRET_KEY=... fedhpc registry serve
     """
-    server: dict[str, Any] = {}
-    if host is not None:
-        server["host"] = host
-    if port is not None:
-        server["port"] = port
-    if metrics_port is not None:
-        server["metrics_port"] = metrics_port
-    overrides: dict[str, Any] = {"registry": {"server": server}} if server else {}
-    if store_root is not None:
-        overrides["store"] = {"kind": "file", "root": str(store_root)}
-    config = _load(config_path, overrides)
-    configure_logging(config.log.level, config.log.json_format)
-    tune_malloc_for_streaming()
+    config = _serve_config("registry", config_path, host, port, metrics_port, store_root)
     from fedhpc.registry.server import serve
 
     serve(config)
@@ -112,33 +140,19 @@ def aggregator() -> None:
 
 
 @aggregator.command("serve")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="FEDHPC_CONFIG",
-    help="YAML configuration file (default: $FEDHPC_CONFIG, else built-in defaults).",
-)
-@click.option("--host", help="Address to bind (overrides aggregator.server.host).")
-@click.option("--port", type=int, help="gRPC port (overrides aggregator.server.port; 0 = any free port).")
-@click.option("--metrics-port", type=int, help="Prometheus port (overrides aggregator.server.metrics_port).")
+@_serve_options("aggregator")
 @click.option(
     "--registry",
     "registry_address",
     help="Registry address host:port (overrides aggregator.registry_address).",
-)
-@click.option(
-    "--store-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Read base models and updates from the file object store under this directory (overrides store).",
 )
 def aggregator_serve(
     config_path: Path | None,
     host: str | None,
     port: int | None,
     metrics_port: int | None,
-    registry_address: str | None,
     store_root: Path | None,
+    registry_address: str | None,
 ) -> None:
     """Serve the Aggregator gRPC API until SIGTERM/SIGINT.
 
@@ -149,22 +163,8 @@ def aggregator_serve(
     Example (next to a registry on the embedded file store):
       fedhpc aggregator serve --store-root .fedhpc/store --registry 127.0.0.1:50051 --port 50052
     """
-    server: dict[str, Any] = {}
-    if host is not None:
-        server["host"] = host
-    if port is not None:
-        server["port"] = port
-    if metrics_port is not None:
-        server["metrics_port"] = metrics_port
-    settings: dict[str, Any] = {"server": server} if server else {}
-    if registry_address is not None:
-        settings["registry_address"] = registry_address
-    overrides: dict[str, Any] = {"aggregator": settings} if settings else {}
-    if store_root is not None:
-        overrides["store"] = {"kind": "file", "root": str(store_root)}
-    config = _load(config_path, overrides)
-    configure_logging(config.log.level, config.log.json_format)
-    tune_malloc_for_streaming()
+    settings = {"registry_address": registry_address} if registry_address is not None else None
+    config = _serve_config("aggregator", config_path, host, port, metrics_port, store_root, settings)
     from fedhpc.aggregator.server import serve
 
     serve(config)
