@@ -20,7 +20,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -295,8 +295,8 @@ class _Buffers:
         return buffer[:numel]
 
 
-def _view(data: memoryview | bytes, entry: TensorEntry, code: str | None = None) -> torch.Tensor:
-    dtype = _TORCH_DTYPES[code or entry.dtype]
+def _view(data: memoryview | bytes, entry: TensorEntry) -> torch.Tensor:
+    dtype = _TORCH_DTYPES[entry.dtype]
     if entry.nbytes == 0:
         return torch.empty(0, dtype=dtype)
     return torch.frombuffer(data, dtype=dtype)
@@ -734,11 +734,6 @@ def _load_state(
         else:
             tensors[slot] = algorithm.initial_state(slot, like)
     return tensors
-
-
-def iter_outcome_lines(result: AggregationResult) -> Iterator[str]:
-    for o in result.outcomes:
-        yield f"update {o.index}: {o.outcome.value} weight={o.weight:.4g} norm={o.l2_norm:.4g} {o.message}".rstrip()
 
 
 def shard_tensors(header: SafetensorsHeader, shard_index: int, shard_count: int) -> tuple[str, ...]:

@@ -204,13 +204,14 @@ class RegistryClient:
         file while it goes out. Either way the registry checks everything at commit.
         """
         size = path.stat().st_size
-        header = verified.header if verified is not None else _file_header(path)
         if verified is not None and verified.size != size:
             raise RegistryClientError(
                 f"{path} has {size} bytes but the VerifiedBlob given for it {verified.size}"
             )
         if verified is None and transport != "stream":
             verified = _verify(path)
+        # The stream path hashes while sending, so only the header is read up front.
+        header = verified.header if verified is not None else _file_header(path)
         begun = self._stub.BeginUpload(
             registry_pb2.BeginUploadRequest(
                 model=model,
