@@ -509,7 +509,10 @@ def _one_pass(
         timing.bytes_read += sum(e.nbytes for e in own)
         if entry.dtype in _FLOAT_CODES:
             state_tensors = _load_state(algorithm, state, entry, buffers, numel)
-            output = buffers.out(_TORCH_DTYPES[entry.dtype], numel)
+            model_dtype = _TORCH_DTYPES[entry.dtype]
+            # When the model's dtype is the accumulation dtype the result is left in the
+            # accumulator itself (apply writes it there): no extra pass copying it out.
+            output = buffers.acc[:numel] if model_dtype == buffers.dtype else buffers.out(model_dtype, numel)
             job = _FloatTensorJob(
                 entry,
                 numel,
@@ -593,6 +596,7 @@ class _FloatTensorJob:
         acc_dtype = self.buffers.dtype
         sq = [0.0] * len(self.updates)
         base_size = _TORCH_DTYPES[self.entry.dtype].itemsize
+        base_direct = _TORCH_DTYPES[self.entry.dtype] == acc_dtype
         chunk = self.buffers.chunk_elements
         for start in range(worker * chunk, self.numel, workers * chunk):
             end = min(self.numel, start + chunk)
@@ -600,15 +604,19 @@ class _FloatTensorJob:
             base_c = self.buffers.base[start:end]
             acc_c = self.buffers.acc[start:end]
             scratch_c = self.buffers.scratch[start:end]
-            self.base.readinto(self.entry.begin + start * base_size, buffer.view[: n * base_size])
-            base_c.copy_(buffer.tensor(self.entry.dtype, n))
-            acc_c.zero_()
+            base_at = self.entry.begin + start * base_size
+            if base_direct:
+                # Same dtype as the accumulator: read straight into place, no copy.
+                self.base.readinto(base_at, _bytes_of(base_c))
+            else:
+                self.base.readinto(base_at, buffer.view[: n * base_size])
+                base_c.copy_(buffer.tensor(self.entry.dtype, n))
             for j, (update, own) in enumerate(zip(self.updates, self.own, strict=True)):
                 size = _TORCH_DTYPES[own.dtype].itemsize
                 update.reader.readinto(own.begin + start * size, buffer.view[: n * size])
                 part = buffer.tensor(own.dtype, n)
                 if not self.norms:
-                    acc_c.add_(part, alpha=self.weights[j])
+                    _accumulate(acc_c, part, self.weights[j], first=j == 0)
                     continue
                 if update.full_weights:
                     torch.sub(part, base_c, out=scratch_c)
@@ -626,14 +634,16 @@ class _FloatTensorJob:
                         )
                     square = math.inf  # finite values whose squares overflow: an enormous norm
                 sq[j] += square
-                acc_c.add_(part, alpha=self.weights[j])
+                _accumulate(acc_c, part, self.weights[j], first=j == 0)
             if not self.norms and not bool(torch.isfinite(acc_c).all()):
                 self._find_non_finite(start, n, buffer)
             if self.full_weight:
                 acc_c.sub_(base_c, alpha=self.full_weight)
             state_c = {slot: tensor[start:end] for slot, tensor in self.state.items()}
             new = self.algorithm.apply(base_c, acc_c, state_c, scratch=scratch_c)
-            self.output[start:end].copy_(new)
+            out_c = self.output[start:end]
+            if out_c.data_ptr() != new.data_ptr():
+                out_c.copy_(new)
         return sq
 
     def _find_non_finite(self, start: int, n: int, buffer: _WorkerBuffer) -> None:
@@ -647,6 +657,22 @@ class _FloatTensorJob:
             f"the weighted sum of tensor {self.entry.name!r} overflowed although every update is finite; "
             "accumulate in float64"
         )
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (pread fills it in place)."""
+    return memoryview(tensor.numpy()).cast("B")
+
+
+def _accumulate(acc: torch.Tensor, part: torch.Tensor, weight: float, *, first: bool) -> None:
+    """acc += weight * part; the first update sets acc instead, saving a pass zeroing it."""
+    if not first:
+        acc.add_(part, alpha=weight)
+    elif part.dtype == acc.dtype:
+        torch.mul(part, weight, out=acc)
+    else:
+        # Widen first: multiplying in the narrow dtype would round before accumulating.
+        acc.copy_(part).mul_(weight)
 
 
 class _RejectUpdate(_Restart):
