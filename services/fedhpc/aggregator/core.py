@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 import torch
 
@@ -41,6 +41,9 @@ from fedhpc.common.tensors import (
     read_header,
     read_source_header,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -661,7 +664,7 @@ class _FloatTensorJob:
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor (pread fills it in place)."""
-    return memoryview(tensor.numpy()).cast("B")
+    return memoryview(cast("Buffer", tensor.numpy())).cast("B")
 
 
 def _accumulate(acc: torch.Tensor, part: torch.Tensor, weight: float, *, first: bool) -> None:
