@@ -375,5 +375,15 @@ def models_pull(
     click.echo(f"pulled {m.model}:{m.version} to {dest} ({m.size_bytes} bytes, sha256 verified)")
 
 
+# -- federations: coordinator serve, up/down, run, status, watch, stop, sites, report, demo --
+def _register_federation_commands() -> None:
+    from fedhpc import federation_cli
+
+    federation_cli.register(main, _serve_options, _serve_config)
+
+
+_register_federation_commands()
+
+
 if __name__ == "__main__":
     main()

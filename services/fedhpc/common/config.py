@@ -208,12 +208,46 @@ class AggregatorConfig(_Model):
     )
 
 
+class CoordinatorConfig(_Model):
+    """The coordinator: experiments, sites and tasks, persisted in SQLite under data_dir."""
+
+    server: ServerConfig = Field(default_factory=lambda: ServerConfig(port=50053, metrics_port=9103))
+    data_dir: Path = Field(
+        default=Path(".fedhpc/coordinator"),
+        description="State (coordinator.db, SQLite WAL) and the local sites' spools.",
+    )
+    registry_address: str = Field(default="127.0.0.1:50051", description="Registry gRPC address host:port.")
+    registry_token: SecretStr | None = Field(
+        default=None, description="Bearer token for the registry (admin)."
+    )
+    registry_tls_ca: Path | None = Field(default=None, description="PEM CA bundle for a TLS registry.")
+    aggregator_address: str = Field(
+        default="127.0.0.1:50052", description="Aggregator gRPC address host:port."
+    )
+    aggregator_token: SecretStr | None = Field(default=None, description="Bearer token for the aggregator.")
+    aggregator_tls_ca: Path | None = Field(default=None, description="PEM CA bundle for a TLS aggregator.")
+    trainer_registry_address: str | None = Field(
+        default=None,
+        description="Registry address trainers use for the registry-stream transport (default: registry_address).",
+    )
+    tick_seconds: float = Field(
+        default=0.1, gt=0, le=10, description="How often dispatchers and timers are checked when idle."
+    )
+    presign_ttl_seconds: int = Field(
+        default=3600, ge=60, description="Lifetime of the model/update URLs handed to trainers."
+    )
+    aggregation_timeout_seconds: float = Field(
+        default=1800, gt=0, description="Longest an Aggregate call may take before the round is retried."
+    )
+
+
 class FedhpcConfig(_Model):
     """The whole configuration file."""
 
     store: StoreConfig = Field(default_factory=FileStoreConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
+    coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
 

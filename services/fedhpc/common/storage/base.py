@@ -186,6 +186,11 @@ class ObjectStore(ABC):
         """A filesystem path holding the object, for backends that have one (file); else None."""
         return None
 
+    def writable_path(self, key: str) -> Path | None:
+        """Where a local writer (a trainer next to a file store) may create the object; the
+        store serves it from there afterwards. None for backends without a filesystem."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 

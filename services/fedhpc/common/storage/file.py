@@ -327,3 +327,8 @@ class FileObjectStore(ObjectStore):
     def local_path(self, key: str) -> Path | None:
         path = self._path(key)
         return path if path.is_file() else None
+
+    def writable_path(self, key: str) -> Path | None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path

@@ -1,0 +1,1 @@
+"""The coordinator service: experiments, sites, rounds and tasks, driven by a scheduling strategy."""

@@ -1,0 +1,1 @@
+"""Task plugins that ship with fedhpc (registered in pyproject under ``fedhpc.tasks``)."""

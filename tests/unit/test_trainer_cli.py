@@ -1,0 +1,150 @@
+"""The fedhpc-trainer command: run (stdout / --result, exit codes), selftest, plugins, help."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from fedhpc.common.tensors import write_safetensors_file
+from fedhpc.testing.ports import free_port
+from fedhpc.trainer.cli import main
+from fedhpc.trainer.plugins import make_initial_weights
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    # The command configures the root logger onto CliRunner's stderr, which closes afterwards.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def _task(tmp_path: Path, **overrides: Any) -> Path:
+    model = tmp_path / "global.safetensors"
+    blob = write_safetensors_file(model, make_initial_weights("digits", {}, seed=0))
+    task: dict[str, Any] = {
+        "experiment_id": "exp",
+        "round": 0,
+        "task_id": "t-1",
+        "site": "laptop",
+        "plugin": {"name": "digits", "hyperparameters": {"epochs": 1}},
+        "model": {
+            "model": "exp",
+            "version": "v0",
+            "sha256": blob.sha256,
+            "size_bytes": blob.size,
+            "path": str(model),
+        },
+        "update": {
+            "object_key": "updates/t-1.safetensors",
+            "path": str(tmp_path / "out" / "t-1.safetensors"),
+        },
+        "site_config": {"partition": 0, "num_partitions": 2},
+        "dispatched_at": time.time(),
+    }
+    task.update(overrides)
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps(task))
+    return path
+
+
+def _invoke(*args: str) -> Any:
+    return CliRunner().invoke(main, ["--log-level", "ERROR", *args])
+
+
+def test_run_prints_the_result_and_exits_zero(tmp_path: Path) -> None:
+    result = _invoke("run", "--task", str(_task(tmp_path)))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["task_id"] == "t-1" and "error" not in doc
+    assert (tmp_path / "out" / "t-1.safetensors").is_file()
+
+
+def test_run_writes_result_file_and_exits_one_on_error(tmp_path: Path) -> None:
+    task = _task(tmp_path, plugin={"name": "digits", "hyperparameters": {"epoch": 1}})
+    out = tmp_path / "results" / "result.json"
+    result = _invoke("run", "--task", str(task), "--result", str(out))
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "INVALID_TASK" in result.stderr and "epoch" in result.stderr
+    doc = json.loads(out.read_text())
+    assert doc["error"]["code"] == "INVALID_TASK"
+    assert [p.name for p in out.parent.iterdir()] == ["result.json"]  # no temporary file left
+
+
+def test_run_reads_the_task_from_stdin(tmp_path: Path) -> None:
+    task = _task(tmp_path).read_text()
+    result = CliRunner().invoke(main, ["--log-level", "ERROR", "run", "--task", "-"], input=task)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("content", [None, "{not json"])
+def test_unreadable_task_is_an_invalid_task_result(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "task.json"
+    if content is not None:
+        path.write_text(content)
+    result = _invoke("run", "--task", str(path))
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["error"]["code"] == "INVALID_TASK"
+
+
+def test_plugins_lists_digits() -> None:
+    result = _invoke("plugins")
+    assert result.exit_code == 0
+    assert "digits" in result.stdout and "fedhpc.trainer.tasks.digits:DigitsTask" in result.stdout
+    as_json = json.loads(_invoke("plugins", "--json").stdout)
+    assert as_json["digits"] == "fedhpc.trainer.tasks.digits:DigitsTask"
+
+
+def test_selftest_passes_here_and_reports_the_environment() -> None:
+    result = _invoke("selftest", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    names = {c["name"] for c in report["checks"]}
+    assert {"torch", "gpu", "plugin digits"} <= names
+    assert "cpus" in report["environment"] and "python" in report["environment"]
+
+
+def test_selftest_fails_for_unreachable_registry_and_url() -> None:
+    port = free_port()  # nothing listens there
+    result = _invoke(
+        "selftest", "--registry", f"127.0.0.1:{port}", "--url", f"http://127.0.0.1:{port}/b?X-Amz-Signature=s3cr3t",
+        "--timeout", "0.5",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "FAIL" in result.stdout and "selftest FAILED" in result.stdout
+    assert "s3cr3t" not in result.stdout  # presigned signatures are never echoed
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["selftest"], ["plugins"]])
+def test_every_command_has_help_with_examples(command: list[str]) -> None:
+    result = CliRunner().invoke(main, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Examples:" in result.output
+    assert "fedhpc-trainer" in result.output
+
+
+def test_python_dash_m_works() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "fedhpc.trainer", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Usage: fedhpc-trainer" in done.stdout
