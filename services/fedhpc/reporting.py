@@ -133,7 +133,8 @@ def build_report(
         "started_at": _iso(t0),
         "finished_at": _iso(finished_at),
         "wall_time_s": t_end - t0 if t0 is not None and t_end is not None else None,
-        "rounds_completed": sum(1 for r in rounds if r["finished_s"] is not None),
+        # Round 0 is the initial model, not an aggregation.
+        "rounds_completed": sum(1 for r in rounds if r["finished_s"] is not None and r["round"] > 0),
         "total_rounds": experiment.total_rounds,
         "final_accuracy": final[1] if final else None,
         "final_accuracy_round": final[0] if final else None,

@@ -79,7 +79,7 @@ def _fedavg(
 
 def _federated_accuracy(results: list[dict[str, Any]]) -> float:
     samples = sum(r["eval_samples"] for r in results)
-    return sum(r["metrics"]["eval_accuracy"] * r["eval_samples"] for r in results) / samples
+    return float(sum(r["metrics"]["eval_accuracy"] * r["eval_samples"] for r in results) / samples)
 
 
 def test_fedavg_on_four_non_iid_sites_reaches_target_accuracy(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ import logging
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,6 +101,37 @@ def test_unreadable_task_is_an_invalid_task_result(tmp_path: Path, content: str 
     assert json.loads(result.stdout)["error"]["code"] == "INVALID_TASK"
 
 
+def test_make_task_writes_a_model_and_a_task_that_runs(tmp_path: Path) -> None:
+    made = _invoke(
+        "make-task", "--plugin", "digits", "--dir", str(tmp_path / "try"),
+        "--hyperparameters", '{"epochs": 1}', "--site-config", '{"partition": 1, "num_partitions": 3}',
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    task = json.loads((tmp_path / "try" / "task.json").read_text())
+    assert task["site_config"] == {"partition": 1, "num_partitions": 3}
+    ran = _invoke("run", "--task", str(tmp_path / "try" / "task.json"))
+    assert ran.exit_code == 0, ran.output
+    assert (tmp_path / "try" / "update.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--hyperparameters", '{"lrr": 1}'], "lrr"),
+        (["--site-config", '{"partition": 9, "num_partitions": 2}'], "out of range"),
+        (["--hyperparameters", "[1]"], "JSON object"),
+        (["--plugin", "nope"], "installed: digits"),
+    ],
+)
+def test_make_task_refuses_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
+    base = {"--plugin": "digits", "--site-config": '{"partition": 0, "num_partitions": 2}'}
+    given = dict(zip(args[::2], args[1::2], strict=True))
+    options = [item for key, value in {**base, **given}.items() for item in (key, value)]
+    result = _invoke("make-task", "--dir", str(tmp_path / "try"), *options)
+    assert result.exit_code != 0
+    assert needle in result.output
+
+
 def test_plugins_lists_digits() -> None:
     result = _invoke("plugins")
     assert result.exit_code == 0
@@ -130,7 +161,7 @@ def test_selftest_fails_for_unreachable_registry_and_url() -> None:
     assert "s3cr3t" not in result.stdout  # presigned signatures are never echoed
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["selftest"], ["plugins"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["selftest"], ["plugins"], ["make-task"]])
 def test_every_command_has_help_with_examples(command: list[str]) -> None:
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0

@@ -21,7 +21,9 @@ from fedhpc.trainer.runtime import DeltaError
 class TinyHyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    behaviour: Literal["ok", "raise", "nan_metric", "nan_weights", "big_metrics", "drop_tensor"] = "ok"
+    behaviour: Literal[
+        "ok", "raise", "nan_metric", "nan_weights", "big_metrics", "drop_tensor", "bad_count"
+    ] = "ok"
     step: float = 1.0
 
 
@@ -54,7 +56,9 @@ class TinyPlugin(TaskPlugin[TinyHyperparameters]):
         if hp.behaviour == "big_metrics":
             metrics = {f"metric_{i:05d}_with_a_long_name": float(i) for i in range(3000)}
         ctx.progress(1.0, "done")
-        return TrainOutput(weights=out, num_samples=12, metrics=metrics, steps=3)
+        return TrainOutput(
+            weights=out, num_samples=-1 if hp.behaviour == "bad_count" else 12, metrics=metrics, steps=3
+        )
 
     def evaluate(self, weights: dict[str, torch.Tensor], ctx: TaskContext[TinyHyperparameters]) -> EvalOutput:
         return EvalOutput(num_samples=4, metrics={"loss": 1.5, "accuracy": 0.25})
@@ -235,6 +239,7 @@ def test_passed_deadline_is_deadline_exceeded(tmp_path: Path) -> None:
         ("nan_metric", "train_loss"),
         ("nan_weights", "'w'"),
         ("drop_tensor", "'h'"),
+        ("bad_count", "num_samples=-1"),
     ],
 )
 def test_plugin_failures_are_training_failed(tmp_path: Path, behaviour: str, needle: str) -> None:

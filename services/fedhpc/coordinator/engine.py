@@ -157,6 +157,7 @@ class Engine:
         # Dispatcher task id (experiment.task) -> (experiment, strategy task id).
         self._routes: dict[str, tuple[str, str]] = {}
         self._inbox: dict[str, list[Event]] = defaultdict(list)
+        self._versions: dict[tuple[str, str, bool], tuple[registry_pb2.ModelVersion, float]] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -336,26 +337,51 @@ class Engine:
     # -- executing decisions ------------------------------------------------------------
     def _execute_outbox(self, experiment: ExperimentRow, running: _Running) -> bool:
         busy = False
-        for seq, data in self._state.outbox(experiment.id):
-            decision = decision_from_dict(data)
-            if isinstance(decision, Aggregate):
-                done = self._aggregate(experiment, running, seq, decision)
-                busy |= done
-                if not done:
-                    return busy  # decisions after it wait: the outbox is carried out in order
-                continue
-            self._execute(experiment, running, seq, decision)
-            busy = True
-            if experiment.id not in self._running:
-                return busy
+        # A round's dispatches are recorded in one transaction: hundreds of sites per round
+        # would otherwise pay one commit each.
+        recorded: list[Callable[[Any], None]] = []
+        try:
+            for seq, data in self._state.outbox(experiment.id):
+                decision = decision_from_dict(data)
+                if isinstance(decision, DispatchTask):
+                    record = self._dispatch(experiment, running, seq, decision)
+                    if record is not None:
+                        recorded.append(record)
+                    busy = True
+                    continue
+                self._record_all(recorded)
+                go_on, happened = self._execute_one(experiment, running, seq, decision)
+                busy |= happened
+                if not go_on:
+                    break
+        finally:
+            self._record_all(recorded)
         return busy
+
+    def _record_all(self, recorded: list[Callable[[Any], None]]) -> None:
+        if not recorded:
+            return
+        with self._state.transaction() as db:
+            for record in recorded:
+                record(db)
+        recorded.clear()
+        self._notify()
+
+    def _execute_one(
+        self, experiment: ExperimentRow, running: _Running, seq: int, decision: Decision
+    ) -> tuple[bool, bool]:
+        """Carry out one non-dispatch decision: (go on with the next one, something happened)."""
+        if isinstance(decision, Aggregate):
+            done = self._aggregate(experiment, running, seq, decision)
+            # Decisions after an unfinished aggregation wait: the outbox is carried out in order.
+            return done, done
+        self._execute(experiment, running, seq, decision)
+        return experiment.id in self._running, True
 
     def _execute(self, experiment: ExperimentRow, running: _Running, seq: int, decision: Decision) -> None:
         eid = experiment.id
         now = self._clock()
-        if isinstance(decision, DispatchTask):
-            self._dispatch(experiment, running, seq, decision)
-        elif isinstance(decision, CancelTask):
+        if isinstance(decision, CancelTask):
             self._cancel(experiment, seq, decision)
         elif isinstance(decision, SetTimer):
             with self._state.transaction() as db:
@@ -388,14 +414,15 @@ class Engine:
 
     def _dispatch(
         self, experiment: ExperimentRow, running: _Running, seq: int, decision: DispatchTask
-    ) -> None:
+    ) -> Callable[[Any], None] | None:
+        """Submit the task; return how to record it (the caller batches these into one
+        transaction), or None when the failure was recorded already."""
         eid = experiment.id
         route = f"{eid}.{decision.task_id}"
         existing = self._state.task(eid, decision.task_id)
         if existing is not None and existing.handle:
-            with self._state.transaction() as db:  # done before a crash; only the outbox entry was left
-                StateStore.pop_outbox(db, eid, seq)
-            return
+            # Done before a crash; only the outbox entry was left.
+            return lambda db: StateStore.pop_outbox(db, eid, seq)
         now = self._clock()
         try:
             site = self._state.site(decision.site)
@@ -441,8 +468,9 @@ class Engine:
                 )
 
             self._feed(eid, running, failed, record_failure)
-            return
-        with self._state.transaction() as db:
+            return None
+
+        def record(db: Any) -> None:
             self._insert_task(db, eid, decision, "DISPATCHED", handle, now)
             StateStore.ensure_round(db, eid, decision.round, now)
             StateStore.pop_outbox(db, eid, seq)
@@ -460,8 +488,9 @@ class Engine:
                     ),
                 )
             self._task_event(db, eid, decision.task_id, decision.site, decision.round, "DISPATCHED", now)
-        metrics.TASKS_DISPATCHED.labels(site=decision.site).inc()
-        self._notify()
+            metrics.TASKS_DISPATCHED.labels(site=decision.site).inc()
+
+        return record
 
     @staticmethod
     def _insert_task(db: Any, eid: str, decision: DispatchTask, phase: str, handle: str, now: float) -> None:
@@ -497,7 +526,7 @@ class Engine:
     ) -> TaskSpec:
         ref = common_pb2.ModelRef(model=experiment.model, version=version_id(decision.base_round))
         # A file store has no URLs to hand out: its trainers get local paths instead.
-        version = self._registry.get_version(ref, presign=transport == "presigned" and self._store is None)
+        version = self._version(ref, presign=transport == "presigned" and self._store is None)
         source: dict[str, Any] = {
             "model": experiment.model,
             "version": ref.version,
@@ -543,6 +572,20 @@ class Engine:
             deadline=decision.deadline,
             seed=spec.seed * 1_000_003 + decision.round * 1009 + decision.attempt,
         )
+
+    def _version(self, ref: common_pb2.ModelRef, *, presign: bool) -> registry_pb2.ModelVersion:
+        """GetVersion, cached: versions are immutable, and a presigned URL is reused for a
+        small part of its lifetime (a round dispatches to every site at once)."""
+        key = (ref.model, ref.version, presign)
+        now = self._clock()
+        cached = self._versions.get(key)
+        if cached is not None and (not presign or now - cached[1] < self._config.presign_ttl_seconds / 10):
+            return cached[0]
+        version = self._registry.get_version(ref, presign=presign)
+        if len(self._versions) > 1000:
+            self._versions.clear()
+        self._versions[key] = (version, now)
+        return version
 
     def _local_path(self, key: str) -> Path | None:
         return self._store.local_path(key) if self._store is not None else None

@@ -218,9 +218,11 @@ def _metrics(prefix: str, metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _sample_count(value: object, what: str) -> int:
+def _count(value: object, method: str, field: str) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or int(value) < 0:
-        raise _TaskFailure(ErrorCode.TRAINING_FAILED, f"plugin {what} returned num_samples={value!r}")
+        raise _TaskFailure(
+            ErrorCode.TRAINING_FAILED, f"plugin {method} returned {field}={value!r}, not a count >= 0"
+        )
     return int(value)
 
 
@@ -371,7 +373,7 @@ class _Run:
         self.timings.train_s = time.perf_counter() - began
         return TaskResultDoc(
             task_id=self.spec.task_id,
-            eval_samples=_sample_count(evaluation.num_samples, "evaluate"),
+            eval_samples=_count(evaluation.num_samples, "evaluate", "num_samples"),
             metrics=_metrics("eval", evaluation.metrics),
             timings=self.timings,
         )
@@ -389,20 +391,20 @@ class _Run:
             raise _TaskFailure(ErrorCode.TRAINING_FAILED, str(exc)) from exc
         # train_s is all plugin compute: the evaluation of the global model plus local training.
         self.timings.train_s = time.perf_counter() - began
-        metrics = {**_metrics("train", trained.metrics), **_metrics("eval", evaluation.metrics)}
+        # Everything the result reports is checked before the upload: no update without a result.
+        result = TaskResultDoc(
+            task_id=self.spec.task_id,
+            num_samples=_count(trained.num_samples, "train", "num_samples"),
+            eval_samples=_count(evaluation.num_samples, "evaluate", "num_samples"),
+            metrics={**_metrics("train", trained.metrics), **_metrics("eval", evaluation.metrics)},
+            timings=self.timings,
+            steps=_count(trained.steps, "train", "steps"),
+        )
         _announce(self.on_phase, "uploading")
         began = time.perf_counter()
-        update = _upload(self.spec, delta, work)
+        result.update = _upload(self.spec, delta, work)
         self.timings.upload_s = time.perf_counter() - began
-        return TaskResultDoc(
-            task_id=self.spec.task_id,
-            update=update,
-            num_samples=_sample_count(trained.num_samples, "train"),
-            eval_samples=_sample_count(evaluation.num_samples, "evaluate"),
-            metrics=metrics,
-            timings=self.timings,
-            steps=max(0, int(trained.steps)),
-        )
+        return result
 
 
 def _invalid_task_result(task: object, message: str, started_at: float) -> TaskResultDoc:
@@ -478,7 +480,7 @@ def run_task(task: dict[str, Any], *, on_phase: PhaseCallback | None = None) -> 
         log.info(
             "task finished",
             extra={
-                "error": doc.error.code.value if doc.error else "",
+                "outcome": doc.error.code.value if doc.error else "ok",
                 "total_s": round(time.time() - started_at, 3),
             },
         )
