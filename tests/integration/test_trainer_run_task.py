@@ -194,7 +194,7 @@ class _ObjectHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def object_server(tmp_path: Path) -> Iterator[ObjectServer]:
     server = ObjectServer(tmp_path / "objects")
-    thread = threading.Thread(target=server.serve_forever, name="object-server", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="object-server", daemon=True)
     thread.start()
     try:
         yield server

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from fedhpc.common.tensors import write_safetensors_file
 from fedhpc.testing.ports import free_port
+from fedhpc.trainer import TaskContext, TrainOutput
 from fedhpc.trainer.cli import main
 from fedhpc.trainer.plugins import make_initial_weights
+from fedhpc.trainer.tasks.digits import DigitsHyperparameters, DigitsTask
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +35,18 @@ def _restore_logging() -> Iterator[None]:
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+class SleepyPlugin(DigitsTask):
+    """Announces that training started (a file in site_config's marker_dir), then sleeps."""
+
+    def check_site_config(self, site_config: Mapping[str, Any]) -> None:
+        del site_config
+
+    def train(self, weights: dict[str, torch.Tensor], ctx: TaskContext[DigitsHyperparameters]) -> TrainOutput:
+        (Path(ctx.site_config["marker_dir"]) / "training").write_text(str(ctx.work_dir))
+        time.sleep(60)
+        raise AssertionError("should have been terminated")
 
 
 def _task(tmp_path: Path, **overrides: Any) -> Path:
@@ -83,6 +100,28 @@ def test_run_writes_result_file_and_exits_one_on_error(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["error"]["code"] == "INVALID_TASK"
     assert [p.name for p in out.parent.iterdir()] == ["result.json"]  # no temporary file left
+
+
+def test_sigterm_ends_the_task_and_removes_its_temporary_files(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    plugin = {"name": f"{Path(__file__).stem}:SleepyPlugin", "hyperparameters": {}}
+    task = _task(tmp_path, plugin=plugin, site_config={"marker_dir": str(tmp_path)})
+    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": str(Path(__file__).parent)}
+    command = [sys.executable, "-m", "fedhpc.trainer", "--log-level", "ERROR", "run", "--task", str(task)]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "training").exists():
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "training never started"
+                time.sleep(0.05)
+            assert Path((tmp_path / "training").read_text()).is_dir()  # the task's scratch exists now
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        finally:
+            proc.kill()
+    assert list(scratch.iterdir()) == []
 
 
 def test_run_reads_the_task_from_stdin(tmp_path: Path) -> None:
