@@ -86,6 +86,9 @@ def test_demo_runs_a_short_federation_and_writes_its_report(tmp_path: Path) -> N
     reports = list((tmp_path / "runs").glob("*/report.json"))
     assert len(reports) == 1
     assert json.loads(reports[0].read_text())["state"] == "COMPLETED"
-    assert (
-        not list((tmp_path / ".fedhpc" / "demo").glob("control-plane.json")) or "stopped" not in done.stdout
-    )
+    # The demo stops what it started: no service or site worker is left behind.
+    plane = json.loads((tmp_path / ".fedhpc" / "demo" / "control-plane.json").read_text())
+    for pid in plane["pids"].values():
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    for pidfile in (tmp_path / ".fedhpc" / "demo" / "coordinator" / "sites").glob("*/worker.pid"):
+        assert not Path(f"/proc/{pidfile.read_text().strip()}").exists()

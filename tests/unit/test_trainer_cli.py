@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from fedhpc.common.tensors import write_safetensors_file
 from fedhpc.testing.ports import free_port
-from fedhpc.trainer import TaskContext, TrainOutput
+from fedhpc.trainer import EvalOutput, TaskContext, TrainOutput
 from fedhpc.trainer.cli import main
 from fedhpc.trainer.plugins import make_initial_weights
 from fedhpc.trainer.tasks.digits import DigitsHyperparameters, DigitsTask
@@ -42,6 +42,11 @@ class SleepyPlugin(DigitsTask):
 
     def check_site_config(self, site_config: Mapping[str, Any]) -> None:
         del site_config
+
+    def evaluate(
+        self, weights: dict[str, torch.Tensor], ctx: TaskContext[DigitsHyperparameters]
+    ) -> EvalOutput:
+        return EvalOutput(num_samples=0)
 
     def train(self, weights: dict[str, torch.Tensor], ctx: TaskContext[DigitsHyperparameters]) -> TrainOutput:
         (Path(ctx.site_config["marker_dir"]) / "training").write_text(str(ctx.work_dir))
