@@ -120,6 +120,9 @@ def test_a_fedavg_round_commits_a_new_version(stack: tuple, tmp_path: Path) -> N
     for name in SHAPES:
         expected = base[name] + sum(d[name] * (n / 100) for d, n in zip(deltas, samples, strict=True))
         torch.testing.assert_close(got[name], expected, atol=1e-6, rtol=1e-6)
+    # Every tensor's checksum is in the manifest (read back while the result uploaded).
+    pulled = verify_file(tmp_path / "pulled-exp1-latest.safetensors")
+    assert {t.name: t.sha256 for t in manifest.tensors} == pulled.tensor_sha256
     # A retried request finds the committed version instead of aggregating again.
     again = aggregator.Aggregate(
         aggregator_pb2.AggregateRequest(

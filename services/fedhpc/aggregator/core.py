@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -217,6 +217,10 @@ class AggregationOptions:
     # Report each update's L2 norm (one dot product per chunk). Always on with max_update_norm;
     # off, non-finite values are still caught (the sum turns NaN/Inf), at no extra pass.
     compute_norms: bool = True
+    # Hash every output tensor while writing it (its manifest entry). Off, only the whole-file
+    # sha256 is computed and the result's tensor_sha256 is empty: the service has
+    # RegistryClient.push read them back while the file uploads, off the critical path.
+    tensor_hashes: bool = True
 
 
 @dataclass
@@ -279,22 +283,38 @@ class _WorkerBuffer:
 
 
 class _Buffers:
-    """Scratch reused across tensors (and, when the caller keeps it, across rounds)."""
+    """Scratch reused across tensors (and, when the caller keeps it, across rounds).
+
+    The accumulator and the output buffers come in two sides: while one tensor's result is
+    being written out (and hashed) from one side, the next tensor is computed on the other.
+    """
 
     def __init__(self, numel: int, dtype: torch.dtype, workers: int, chunk_elements: int) -> None:
         self.dtype = dtype
         self.chunk_elements = chunk_elements
-        self.acc = torch.empty(numel, dtype=dtype)
+        self._accs = [torch.empty(numel, dtype=dtype)]
         self.base = torch.empty(numel, dtype=dtype)
         self.scratch = torch.empty(numel, dtype=dtype)
         self.workers = [_WorkerBuffer(chunk_elements * 8) for _ in range(workers)]
-        self._out: dict[torch.dtype, torch.Tensor] = {}
+        self._outs: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
+        self._side = 0
+
+    @property
+    def acc(self) -> torch.Tensor:
+        return self._accs[self._side]
+
+    def flip(self) -> None:
+        """Switch sides: the current side's buffers now belong to a write in flight."""
+        self._side ^= 1
+        if len(self._accs) <= self._side:
+            self._accs.append(torch.empty_like(self._accs[0]))
 
     def out(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        buffer = self._out.get(dtype)
+        outs = self._outs[self._side]
+        buffer = outs.get(dtype)
         if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(max(numel, self.acc.numel()), dtype=dtype)
-            self._out[dtype] = buffer
+            buffer = torch.empty(max(numel, self._accs[0].numel()), dtype=dtype)
+            outs[dtype] = buffer
         return buffer[:numel]
 
 
@@ -492,7 +512,12 @@ def _one_pass(
     ]
     wanted = None if options.tensors is None else set(options.tensors)
     entries = [e for e in base.header.entries if wanted is None or e.name in wanted]
-    writer = SafetensorsWriter(out, [(e.name, e.dtype, e.shape) for e in entries], metadata=metadata)
+    writer = SafetensorsWriter(
+        out,
+        [(e.name, e.dtype, e.shape) for e in entries],
+        metadata=metadata,
+        tensor_hashes=options.tensor_hashes,
+    )
     slots = algorithm.state_slots
     float_entries = [e for e in entries if e.dtype in _FLOAT_CODES]
     state_writer = None
@@ -504,49 +529,109 @@ def _one_pass(
         ]
         state_writer = SafetensorsWriter(state_out, specs, metadata={"fedhpc.algorithm": algorithm.name})
     sq_norms = dict.fromkeys(active, 0.0)
-    for entry in entries:
-        compute_started = time.perf_counter()
-        numel = math.prod(entry.shape)
-        # Each update has its own layout: its header gives this tensor's byte range.
-        own = [updates[i].reader.header.entry(entry.name) for i in active]
-        timing.bytes_read += sum(e.nbytes for e in own)
-        if entry.dtype in _FLOAT_CODES:
-            state_tensors = _load_state(algorithm, state, entry, buffers, numel)
-            model_dtype = _TORCH_DTYPES[entry.dtype]
-            # When the model's dtype is the accumulation dtype the result is left in the
-            # accumulator itself (apply writes it there): no extra pass copying it out.
-            output = buffers.acc[:numel] if model_dtype == buffers.dtype else buffers.out(model_dtype, numel)
-            job = _FloatTensorJob(
-                entry,
-                numel,
-                base,
-                [updates[i] for i in active],
-                own,
-                weights,
-                state_tensors,
-                algorithm,
-                buffers,
-                output,
-                norms=options.compute_norms or options.max_update_norm > 0,
-            )
-            for i, sq in zip(active, job.run(pool), strict=True):
-                sq_norms[i] += sq
-            _check_norms(sq_norms, active, updates, options, scales, final=False)
-        else:
-            output = _integer_rule(
-                entry, numel, base, [updates[i] for i in active], own, int_weights, buffers
-            )
-            state_tensors = {}
-        timing.compute_s += time.perf_counter() - compute_started
-        write_started = time.perf_counter()
-        writer.write(entry.name, output.view(entry.shape) if entry.shape else output.reshape(()))
-        if state_writer is not None and entry.dtype in _FLOAT_CODES:
-            for slot in slots:
-                state_writer.write(state_tensor_name(slot, entry.name), state_tensors[slot].view(entry.shape))
-        timing.write_s += time.perf_counter() - write_started
+    # Stateless algorithms write each result on a thread of its own while the next tensor is
+    # computed (the optimizer-state tensors of the others live in single buffers).
+    overlap = state_writer is None
+    pending: list[Future[None]] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="fedhpc-aggregate-write") as write_pool:
+        try:
+            for entry in entries:
+                if len(pending) >= 2:
+                    pending.pop(0).result()  # the side about to be reused is free again
+                output, state_tensors = _compute_tensor(
+                    entry,
+                    base,
+                    updates,
+                    active,
+                    weights,
+                    int_weights,
+                    algorithm,
+                    state,
+                    buffers,
+                    options,
+                    timing,
+                    pool,
+                    sq_norms,
+                    scales,
+                )
+                tensor = output.view(entry.shape) if entry.shape else output.reshape(())
+                if overlap:
+                    pending.append(write_pool.submit(_timed_write, writer, entry.name, tensor, timing))
+                    buffers.flip()
+                    continue
+                _timed_write(writer, entry.name, tensor, timing)
+                if state_writer is not None and entry.dtype in _FLOAT_CODES:
+                    for slot in slots:
+                        state_writer.write(
+                            state_tensor_name(slot, entry.name), state_tensors[slot].view(entry.shape)
+                        )
+            for future in pending:
+                future.result()
+        finally:
+            # A rejected update restarts the pass: no write may still be running into `out`.
+            wait(pending)
     _check_norms(sq_norms, active, updates, options, scales, final=True)
     norms = {i: math.sqrt(v) for i, v in sq_norms.items()}
     return writer.close(), state_writer.close() if state_writer is not None else None, norms
+
+
+def _timed_write(
+    writer: SafetensorsWriter, name: str, tensor: torch.Tensor, timing: AggregationTiming
+) -> None:
+    started = time.perf_counter()
+    writer.write(name, tensor)
+    timing.write_s += time.perf_counter() - started
+
+
+def _compute_tensor(
+    entry: TensorEntry,
+    base: BlobReader,
+    updates: Sequence[UpdateInput],
+    active: list[int],
+    weights: list[float],
+    int_weights: list[float],
+    algorithm: ServerAlgorithm,
+    state: BlobReader | None,
+    buffers: _Buffers,
+    options: AggregationOptions,
+    timing: AggregationTiming,
+    pool: ThreadPoolExecutor,
+    sq_norms: dict[int, float],
+    scales: list[float],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One tensor's new value (in the buffers' current side) and its new optimizer state."""
+    compute_started = time.perf_counter()
+    numel = math.prod(entry.shape)
+    # Each update has its own layout: its header gives this tensor's byte range.
+    own = [updates[i].reader.header.entry(entry.name) for i in active]
+    timing.bytes_read += sum(e.nbytes for e in own)
+    state_tensors: dict[str, torch.Tensor] = {}
+    if entry.dtype in _FLOAT_CODES:
+        state_tensors = _load_state(algorithm, state, entry, buffers, numel)
+        model_dtype = _TORCH_DTYPES[entry.dtype]
+        # When the model's dtype is the accumulation dtype the result is left in the
+        # accumulator itself (apply writes it there): no extra pass copying it out.
+        output = buffers.acc[:numel] if model_dtype == buffers.dtype else buffers.out(model_dtype, numel)
+        job = _FloatTensorJob(
+            entry,
+            numel,
+            base,
+            [updates[i] for i in active],
+            own,
+            weights,
+            state_tensors,
+            algorithm,
+            buffers,
+            output,
+            norms=options.compute_norms or options.max_update_norm > 0,
+        )
+        for i, sq in zip(active, job.run(pool), strict=True):
+            sq_norms[i] += sq
+        _check_norms(sq_norms, active, updates, options, scales, final=False)
+    else:
+        output = _integer_rule(entry, numel, base, [updates[i] for i in active], own, int_weights, buffers)
+    timing.compute_s += time.perf_counter() - compute_started
+    return output, state_tensors
 
 
 class _FloatTensorJob:
@@ -600,7 +685,10 @@ class _FloatTensorJob:
         sq = [0.0] * len(self.updates)
         base_size = _TORCH_DTYPES[self.entry.dtype].itemsize
         base_direct = _TORCH_DTYPES[self.entry.dtype] == acc_dtype
-        chunk = self.buffers.chunk_elements
+        # Equal parts, a multiple of the worker count: with fixed-size chunks one thread idles
+        # for up to a whole chunk at the end of every tensor, waiting at the tensor's barrier.
+        parts = workers * max(1, -(-self.numel // (workers * self.buffers.chunk_elements)))
+        chunk = -(-self.numel // parts)
         for start in range(worker * chunk, self.numel, workers * chunk):
             end = min(self.numel, start + chunk)
             n = end - start

@@ -384,6 +384,9 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
             threads=self._config.threads,
             chunk_elements=max(1, (self._config.chunk_mb << 20) // 4),
             tensors=tensors,
+            # Unsharded results get their per-tensor hashes while they upload (RegistryClient.push);
+            # a shard's part is assembled later and keeps them.
+            tensor_hashes=tensors is not None,
         )
         unreadable = {i: u.reader.reason for i, u in enumerate(inputs) if isinstance(u.reader, _Unreadable)}
         readable = [u for i, u in enumerate(inputs) if i not in unreadable]

@@ -14,11 +14,13 @@ the version was committed).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import io
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, Protocol
 from urllib.parse import urlsplit
@@ -34,6 +36,7 @@ from fedhpc.common.tensors import (
     SafetensorsHeader,
     VerifiedBlob,
     read_source_header,
+    tensor_hashes_of_file,
     verify_file,
 )
 
@@ -226,7 +229,16 @@ class RegistryClient:
                 "the registry offered no presigned URL (its store has no HTTP endpoint); use --transport stream"
             )
         if begun.put_url and transport != "stream":
-            http_put_file(begun.put_url, path, progress, headers=dict(begun.put_headers))
+            missing = verified is not None and len(verified.tensor_sha256) < len(verified.header.entries)
+            if missing and verified is not None:
+                # A producer that skipped per-tensor hashes (the aggregator does, to finish
+                # sooner) gets them here, read back while the upload runs.
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensor-hashes") as pool:
+                    hashes = pool.submit(tensor_hashes_of_file, path, verified.header)
+                    http_put_file(begun.put_url, path, progress, headers=dict(begun.put_headers))
+                    verified = dataclasses.replace(verified, tensor_sha256=hashes.result())
+            else:
+                http_put_file(begun.put_url, path, progress, headers=dict(begun.put_headers))
         else:
             digest = hashlib.sha256() if verified is None else None
             self._upload_stream(begun, path, progress, digest)

@@ -526,6 +526,31 @@ class VerifiedBlob:
     tensor_sha256: dict[str, str]  # per-tensor hex sha256 of its raw bytes, in file order
 
 
+def tensor_hashes_of_file(
+    path: Path | str, header: SafetensorsHeader, chunk_bytes: int = 8 << 20
+) -> dict[str, str]:
+    """Each tensor's sha256, read back from a file whose header is known (pread, one tensor at a time)."""
+    hashes: dict[str, str] = {}
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for entry in header.entries:
+            digest = hashlib.sha256()
+            done = 0
+            while done < entry.nbytes:
+                want = min(chunk_bytes, entry.nbytes - done)
+                got = os.preadv(fd, [view[:want]], entry.begin + done)
+                if got <= 0:
+                    raise TruncatedError(f"{path} ends inside tensor {entry.name!r}")
+                digest.update(view[:got])
+                done += got
+            hashes[entry.name] = digest.hexdigest()
+    finally:
+        os.close(fd)
+    return hashes
+
+
 class StreamVerifier:
     """Feed a safetensors file's bytes in order (any chunking).
 
@@ -982,9 +1007,13 @@ class SafetensorsWriter:
         metadata: Mapping[str, str] | None = None,
         *,
         parallel: bool = True,
+        tensor_hashes: bool = True,
     ) -> None:
         raw = _build_header(specs, metadata)
         self._header = parse_header(raw)
+        # Without per-tensor hashes the result's tensor_sha256 is empty; a producer that needs
+        # them later (for a manifest) can compute them from the file, e.g. while uploading it.
+        self._tensor_hashes = tensor_hashes
         # Declared order, which may differ from file order only among zero-size tensors.
         self._order = tuple(self._header.entry(name) for name, _, _ in specs)
         self._sink = sink
@@ -1024,14 +1053,15 @@ class SafetensorsWriter:
         arr = _array_bytes(name, data, entry.dtype, entry.shape)
         mv = arr if arr is not None else _as_bytes_view(cast("Buffer", data))
         _check_nbytes(entry, len(mv))
-        tensor_hash = hashlib.sha256()
+        tensor_hash = hashlib.sha256() if self._tensor_hashes else None
 
         def hash_and_write() -> None:
-            tensor_hash.update(mv)
+            if tensor_hash is not None:
+                tensor_hash.update(mv)
             self._sink.write(mv)
 
         _hash_beside(self._file_hash, mv, hash_and_write, parallel=self._parallel)
-        self._tensor_sha[name] = tensor_hash.hexdigest()
+        self._tensor_sha[name] = tensor_hash.hexdigest() if tensor_hash is not None else ""
         self._next += 1
 
     def close(self) -> VerifiedBlob:
@@ -1042,7 +1072,9 @@ class SafetensorsWriter:
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise SafetensorsError(f"tensor {missing[0]!r}{more} declared but not written")
-        per_tensor = {e.name: self._tensor_sha[e.name] for e in self._header.entries}
+        per_tensor = (
+            {e.name: self._tensor_sha[e.name] for e in self._header.entries} if self._tensor_hashes else {}
+        )
         self._closed = VerifiedBlob(self.total_size, self._file_hash.hexdigest(), self._header, per_tensor)
         return self._closed
 

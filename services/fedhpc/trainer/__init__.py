@@ -20,6 +20,7 @@ from fedhpc.trainer.plugins import (
     installed_plugins,
     load_plugin,
     make_initial_weights,
+    validate_model,
 )
 from fedhpc.trainer.runtime import PHASES, compute_delta, run_task
 
@@ -40,4 +41,5 @@ __all__ = [
     "load_plugin",
     "make_initial_weights",
     "run_task",
+    "validate_model",
 ]

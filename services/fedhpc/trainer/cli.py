@@ -13,10 +13,15 @@ import http.client
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -67,6 +72,25 @@ def main(log_level: str, log_format: str) -> None:
 def _read_task(source: str) -> Any:
     text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     return json.loads(text)
+
+
+@contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """Batch schedulers send SIGTERM before SIGKILL (walltime, preemption, scancel): exiting
+    through SystemExit unwinds the task, so its temporary files (a downloaded model) are removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        del frame
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -125,7 +149,8 @@ def run(task_path: str, result_path: Path | None) -> None:
             "error": {"code": "INVALID_TASK", "message": f"cannot read task {task_path}: {exc}"},
         }
     else:
-        result = run_task(task)
+        with _exit_on_sigterm():
+            result = run_task(task)
     text = json.dumps(result, indent=2)
     if result_path is None:
         click.echo(text)
