@@ -89,6 +89,8 @@ def test_demo_runs_a_short_federation_and_writes_its_report(tmp_path: Path) -> N
     # The demo stops what it started: no service or site worker is left behind.
     plane = json.loads((tmp_path / ".fedhpc" / "demo" / "control-plane.json").read_text())
     for pid in plane["pids"].values():
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        )
     for pidfile in (tmp_path / ".fedhpc" / "demo" / "coordinator" / "sites").glob("*/worker.pid"):
         assert not Path(f"/proc/{pidfile.read_text().strip()}").exists()
