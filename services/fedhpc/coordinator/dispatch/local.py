@@ -308,8 +308,13 @@ class LocalDispatcher(Dispatcher):
         return command
 
     def _start_worker(self) -> None:
+        # Tasks' temporary files (downloaded weights) go under the spool: a task killed for its
+        # deadline cannot clean up after itself, and the run directory's removal then does.
+        tmp = self.spool.root / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
+            "TMPDIR": str(tmp),
             **self.config.env,
             "FEDHPC_SITE": self.site.name,
             "FEDHPC_DATA_DIR": str(self.data_dir),
