@@ -9,8 +9,11 @@ data is then aggregated with FedAvg (sample-weighted: base + sum_k n_k d_k / sum
 
   fedhpc          fedhpc.aggregator.core.aggregate(FileReader(base), [UpdateInput(FileReader(u_k),
                   num_samples=n_k)], make_algorithm("fedavg"), out, options=
-                  AggregationOptions(verify_checksums=False)). Its time INCLUDES reading every
-                  update from its file and writing the new model to a file.
+                  AggregationOptions(verify_checksums=False, tensor_hashes=False)). Its time
+                  INCLUDES reading every update from its file and writing the new model to a
+                  file with its whole-file sha256; as in the aggregator service, the per-tensor
+                  checksums for the manifest are left to RegistryClient.push, which reads them
+                  back while the file uploads.
   fedhpc-sha256   the same with verify_checksums=True (AggregationOptions' default) and each
                   update's expected sha256: every update file is also hashed, i.e. read twice.
   flower          flwr.server.strategy.aggregate.aggregate([(ndarrays_k, n_k), ...]).
