@@ -99,9 +99,9 @@ def test_local_is_a_known_backend(tmp_path: Path) -> None:
 
 def test_unknown_backend_names_it_and_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(DispatchError) as info:
-        make_dispatcher(SiteSpec(name="s1", backend="globus-compute"), tmp_path)
+        make_dispatcher(SiteSpec(name="s1", backend="kubernetes"), tmp_path)
     message = str(info.value)
-    assert "'globus-compute'" in message and "'s1'" in message and "known backends: local" in message
+    assert "'kubernetes'" in message and "'s1'" in message and "known backends: endpoint-engine, globus-compute, local" in message
 
 
 @pytest.mark.usefixtures("registry")

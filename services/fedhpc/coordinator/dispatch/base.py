@@ -123,6 +123,8 @@ class Dispatcher(ABC):
 # dependencies (globus_compute_sdk, parsl) are only needed by sites that use it.
 _BACKENDS: dict[str, type[Dispatcher] | str] = {
     "local": "fedhpc.coordinator.dispatch.local:LocalDispatcher",
+    "globus-compute": "fedhpc.coordinator.dispatch.globus_compute:GlobusComputeDispatcher",
+    "endpoint-engine": "fedhpc.coordinator.dispatch.endpoint_engine:EndpointEngineDispatcher",
 }
 
 
