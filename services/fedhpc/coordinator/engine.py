@@ -220,7 +220,9 @@ class Engine:
 
     def _pass(self) -> bool:
         busy = False
-        for experiment in self._state.experiments(states=("RUNNING", "STOPPING")):
+        running = self._state.experiments(states=("RUNNING", "STOPPING"))
+        metrics.EXPERIMENTS_RUNNING.set(len(running))
+        for experiment in running:
             with log_context(experiment=experiment.id):
                 try:
                     busy |= self._step(experiment)
@@ -719,6 +721,8 @@ class Engine:
 
         metrics.AGGREGATIONS.labels(outcome="succeeded").inc()
         metrics.ROUNDS.labels(experiment=eid).inc()
+        metrics.EXPERIMENT_ROUND.labels(experiment=eid).set(decision.round)
+        metrics.ROUND_FINISHED_TIME.labels(experiment=eid).set(now)
         metrics.AGGREGATION_SECONDS.observe(response.timing.total_s)
         self._feed(
             eid,
@@ -746,6 +750,7 @@ class Engine:
     ) -> aggregator_pb2.AggregateRequest:
         updates = []
         for choice in decision.updates:
+            metrics.UPDATE_STALENESS.observe(choice.staleness)
             task = self._state.task(experiment.id, choice.task_id)
             blob = (task.result or {}).get("update") if task is not None else None
             if blob is None:
@@ -840,6 +845,7 @@ class Engine:
         if result is None:
             return
         self._state.touch_site(task.site, event.at)
+        metrics.SITE_LAST_SEEN.labels(site=task.site).set(event.at)
         self._record_task_metrics(task, result)
         if result.ok and (task.mode == "evaluate" or result.update is not None):
             self._feed(eid, running, *self._succeeded(eid, task, result))
@@ -868,6 +874,8 @@ class Engine:
             if evaluation and result.eval_samples:
                 row = StateStore.add_evaluation(db, eid, task.base_round, evaluation, result.eval_samples)
                 if row is not None:
+                    for key, value in row.metrics.items():
+                        metrics.EXPERIMENT_METRIC.labels(experiment=eid, metric=key).set(value)
                     self._event(
                         db,
                         eid,

@@ -34,3 +34,24 @@ EXPERIMENTS_FINISHED = Counter(
 )
 EXPERIMENTS_RUNNING = Gauge("fedhpc_experiments_running", "Experiments running now.")
 SITES_ACTIVE = Gauge("fedhpc_sites_active", "Registered sites in the ACTIVE state.")
+EXPERIMENT_ROUND = Gauge(
+    "fedhpc_experiment_round", "The last round aggregated, per experiment.", ["experiment"]
+)
+EXPERIMENT_METRIC = Gauge(
+    "fedhpc_experiment_metric",
+    "Federated evaluation of the latest evaluated model (sample-weighted over sites), e.g. eval_accuracy.",
+    ["experiment", "metric"],
+)
+ROUND_FINISHED_TIME = Gauge(
+    "fedhpc_round_last_finished_timestamp_seconds",
+    "When the experiment's last round was aggregated (epoch seconds); for round-stalled alerts.",
+    ["experiment"],
+)
+UPDATE_STALENESS = Histogram(
+    "fedhpc_update_staleness",
+    "Staleness (versions behind) of the updates sent to aggregation.",
+    buckets=(0, 1, 2, 3, 5, 8, 13, 21, 50),
+)
+SITE_LAST_SEEN = Gauge(
+    "fedhpc_site_last_seen_timestamp_seconds", "When a site last returned a result (epoch seconds).", ["site"]
+)
