@@ -185,3 +185,22 @@ def test_engine_type_is_what_the_service_expects() -> None:
     # IdleEngine mirrors the part of Engine the servicer calls.
     for name in ("wake", "forget_site", "request_stop", "report_result"):
         assert callable(getattr(Engine, name))
+
+
+def test_a_globus_transfer_site_needs_a_valid_transfer_section(service: Any) -> None:
+    servicer, _, _ = service
+    code, message = code_of(lambda: servicer.RegisterSite(site("g", transport="globus"), Context()))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "globus_transfer" in message
+    request = site("g", transport="globus")
+    request.site.config.update(
+        {
+            "globus_transfer": {
+                "source_collection": "6c8b1f8e-2c41-4f1a-9d3e-0a6a1f0b9b11",
+                "source_path": "/fedhpc",
+                "site_collection": "0f7d2a55-7a0e-4f0e-9a9e-3b5d8c2f4e21",
+                "site_path": "/eagle/proj/fedhpc",
+                "site_local_path": "/lus/eagle/projects/proj/fedhpc",
+            }
+        }
+    )
+    assert servicer.RegisterSite(request, Context()).transport == "globus"

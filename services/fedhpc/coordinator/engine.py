@@ -35,6 +35,7 @@ from fedhpc.common.contracts import (
     ErrorCode,
     ModelSource,
     PluginSpec,
+    TaskErrorDoc,
     TaskResultDoc,
     TaskSpec,
     UpdateTarget,
@@ -68,6 +69,7 @@ from fedhpc.coordinator.strategies import (
     make_strategy,
     restore_strategy,
 )
+from fedhpc.coordinator.transfer import GlobusTransferStager, TransferFailed, without_transfer_config
 
 log = get_logger("fedhpc.coordinator")
 
@@ -158,6 +160,7 @@ class Engine:
         self._routes: dict[str, tuple[str, str]] = {}
         self._inbox: dict[str, list[Event]] = defaultdict(list)
         self._versions: dict[tuple[str, str, bool], tuple[registry_pb2.ModelVersion, float]] = {}
+        self._stagers: dict[str, GlobusTransferStager] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -536,7 +539,23 @@ class Engine:
             "size_bytes": version.manifest.size_bytes,
         }
         local = self._local_path(version.object_key)
-        if transport == "registry-stream":
+        stager = self._stager(decision.site, site_config) if transport == "globus" else None
+        if stager is not None:
+            # The site's compute nodes cannot reach the store: Globus Transfer puts the model
+            # into the site's filesystem first (a version staged once serves every task).
+            started = time.time()
+            staged = stager.stage_model(
+                experiment.id,
+                ref.version,
+                version.object_key,
+                version.manifest.sha256,
+                version.manifest.size_bytes,
+            )
+            metrics.TASK_PHASE_SECONDS.labels(site=decision.site, phase="transfer").observe(
+                time.time() - started
+            )
+            source["path"] = staged.local_path
+        elif transport == "registry-stream":
             source["registry"] = self._config.trainer_registry_address or self._config.registry_address
         elif version.get_url:
             source["url"] = version.get_url
@@ -547,8 +566,10 @@ class Engine:
         update = None
         if decision.mode == "train":
             key = f"updates/{experiment.id}/{version_id(decision.round)}/{decision.task_id}.safetensors"
-            target = self._store.writable_path(key) if self._store is not None else None
-            if target is not None:
+            target = self._store.writable_path(key) if self._store is not None and stager is None else None
+            if stager is not None:
+                update = UpdateTarget(object_key=key, path=stager.update_location(key).local_path)
+            elif target is not None:
                 update = UpdateTarget(object_key=key, path=str(target))
             else:
                 presigned = self._registry.stub.PresignBlob(
@@ -574,6 +595,31 @@ class Engine:
             deadline=decision.deadline,
             seed=spec.seed * 1_000_003 + decision.round * 1009 + decision.attempt,
         )
+
+    def _stager(self, site: str, site_config: dict[str, Any]) -> GlobusTransferStager:
+        stager = self._stagers.get(site)
+        if stager is None:
+            stager = GlobusTransferStager.for_site(site_config, site=site)
+            self._stagers[site] = stager
+        return stager
+
+    def _fetch_update(self, task: TaskRow, result: TaskResultDoc) -> TaskResultDoc:
+        """For a Globus Transfer site: bring the update from the site into the store; a failed
+        transfer fails the task with the transfer's reason."""
+        site = self._state.site(task.site)
+        if site is None or site.transport != "globus" or result.update is None:
+            return result
+        started = time.time()
+        try:
+            self._stager(task.site, site.config).fetch_update(
+                f"{task.experiment_id}.{task.task_id}",
+                result.update.object_key,
+                object_key=result.update.object_key,
+            )
+        except TransferFailed as exc:
+            return failure_result_for(result, exc.task_error_code, str(exc))
+        metrics.TASK_PHASE_SECONDS.labels(site=task.site, phase="transfer").observe(time.time() - started)
+        return result
 
     def _version(self, ref: common_pb2.ModelRef, *, presign: bool) -> registry_pb2.ModelVersion:
         """GetVersion, cached: versions are immutable, and a presigned URL is reused for a
@@ -795,7 +841,8 @@ class Engine:
             spec = SiteSpec(
                 name=site.name,
                 backend=site.backend,
-                config={k: v for k, v in site.config.items() if k != "task"},
+                # The plugin's and the transfer's settings are not the backend's.
+                config={k: v for k, v in without_transfer_config(site.config).items() if k != "task"},
                 max_concurrent_tasks=site.max_concurrent,
                 transport=site.transport,
             )
@@ -847,6 +894,8 @@ class Engine:
         self._state.touch_site(task.site, event.at)
         metrics.SITE_LAST_SEEN.labels(site=task.site).set(event.at)
         self._record_task_metrics(task, result)
+        if result.ok and result.update is not None:
+            result = self._fetch_update(task, result)
         if result.ok and (task.mode == "evaluate" or result.update is not None):
             self._feed(eid, running, *self._succeeded(eid, task, result))
         else:
@@ -1011,3 +1060,8 @@ def _write_initial_weights(spec: ExperimentSpec, path: Path) -> None:
 
     weights = make_initial_weights(spec.task.plugin, spec.task.hyperparameters, spec.seed)
     write_safetensors_file(path, {name: tensor.contiguous() for name, tensor in weights.items()})
+
+
+def failure_result_for(result: TaskResultDoc, code: ErrorCode, message: str) -> TaskResultDoc:
+    """The same result, turned into a failure (the trainer's timings and metrics kept)."""
+    return result.model_copy(update={"error": TaskErrorDoc(code=code, message=message[:4096])})

@@ -23,6 +23,7 @@ from fedhpc.coordinator.dispatch import SiteSpec, known_backends
 from fedhpc.coordinator.engine import Engine, _timestamp
 from fedhpc.coordinator.spec import SpecError, parse_spec
 from fedhpc.coordinator.state import ExperimentRow, SiteRow, StateStore, TaskRow
+from fedhpc.coordinator.transfer import GlobusTransferConfig
 
 log = get_logger(__name__)
 
@@ -188,6 +189,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"site.transport: unknown transport {spec.transport!r}; known: {', '.join(TRANSPORTS)}",
             )
+        if spec.transport == "globus":
+            try:
+                GlobusTransferConfig.from_site_config(spec.config)
+            except ValueError as exc:
+                self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"site.config.globus_transfer: {exc}")
         existing = self._state.site(spec.name)
         if existing is not None and not request.replace:
             self._abort(
