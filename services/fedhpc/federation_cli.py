@@ -581,6 +581,19 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, Any]:
     help="Setting handed to the task plugin, e.g. partition=0 (repeatable).",
 )
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Free-form label (repeatable).")
+@click.option(
+    "--template",
+    type=click.Choice(["polaris", "aurora", "frontier", "perlmutter"]),
+    help="Fill the site from an HPC endpoint template (backend globus-compute); see docs/hpc.md.",
+)
+@click.option("--endpoint-id", help="Globus Compute endpoint UUID (with --template).")
+@click.option(
+    "--var",
+    "template_vars",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Template variable, e.g. account=MYPROJ (with --template; repeatable).",
+)
 @click.option("--replace", is_flag=True, help="Replace an existing site of the same name.")
 @_coordinator_options
 def sites_add(
@@ -591,6 +604,9 @@ def sites_add(
     settings: tuple[str, ...],
     task_settings: tuple[str, ...],
     labels: tuple[str, ...],
+    template: str | None,
+    endpoint_id: str | None,
+    template_vars: tuple[str, ...],
     replace: bool,
     target: str | None,
     token: str | None,
@@ -601,8 +617,29 @@ def sites_add(
     \b
     Example (a local site holding partition 0 of 4 of the digits data):
       fedhpc sites add site-1 --task-config partition=0 --task-config num_partitions=4
+    Example (Polaris through its Globus Compute endpoint):
+      fedhpc sites add polaris --template polaris --endpoint-id 2f9c... \\
+          --var account=MYPROJ --var queue=prod --var walltime=01:00:00
     """
     config: dict[str, Any] = _pairs(settings, "--set")
+    site_labels = {k: str(v) for k, v in _pairs(labels, "--label").items()}
+    if template is not None:
+        if not endpoint_id:
+            _fail("--template needs --endpoint-id (the site's Globus Compute endpoint UUID)")
+        from fedhpc.coordinator.templates import parse_template_vars, site_from_template
+
+        try:
+            # Kept as text: YAML would read walltime=1:30:00 as 5400 and account=0123 as 83.
+            values = parse_template_vars(list(template_vars))
+            filled = site_from_template(name, template, endpoint_id, values, transport=transport)
+        except ValueError as exc:
+            _fail(str(exc))
+        backend = filled["backend"]
+        transport = filled.get("transport", transport)
+        config = {**filled["config"], **config}
+        site_labels = {**filled.get("labels", {}), **site_labels}
+    elif endpoint_id or template_vars:
+        _fail("--endpoint-id and --var go with --template")
     task = _pairs(task_settings, "--task-config")
     if task:
         config["task"] = task
@@ -614,7 +651,7 @@ def sites_add(
         transport=transport,
         max_concurrent_tasks=max_concurrent,
         config=struct,
-        labels={k: str(v) for k, v in _pairs(labels, "--label").items()},
+        labels=site_labels,
     )
     with _stub(target, token, tls_ca) as stub:
         added = stub.RegisterSite(coordinator_pb2.RegisterSiteRequest(site=site, replace=replace))

@@ -51,6 +51,30 @@ def test_up_run_watch_status_report_stop_down(tmp_path: Path) -> None:
         assert "site-0" in listed and '"partition": 1' in listed
         again = fedhpc(tmp_path, "sites", "add", "site-0", check=False)
         assert again.returncode == 1 and "exists" in again.stderr
+        # An HPC site from an endpoint template (registered only: nothing is dispatched to it).
+        hpc = [
+            "sites",
+            "add",
+            "polaris",
+            "--template",
+            "polaris",
+            "--endpoint-id",
+            "2f9c1d0e-5b7a-4c1e-9a61-3f0d8e7c6b5a",
+        ]
+        values = [
+            "--var",
+            "account=MYPROJ",
+            "--var",
+            "image=/eagle/MYPROJ/trainer.sif",
+            "--var",
+            "data_dir=/eagle/MYPROJ",
+        ]
+        wrong = fedhpc(tmp_path, *hpc, *values, "--var", "walltime=1h", check=False)
+        assert wrong.returncode == 1 and "walltime" in wrong.stderr
+        fedhpc(tmp_path, *hpc, *values, "--var", "walltime=01:30:00")
+        listed = fedhpc(tmp_path, "sites", "list").stdout
+        assert "globus-compute" in listed and "01:30:00" in listed
+        fedhpc(tmp_path, "sites", "remove", "polaris")
         (tmp_path / "spec.yaml").write_text(SPEC)
         bad = tmp_path / "bad.yaml"
         bad.write_text(SPEC.replace("rounds: 2", "rounds: zero"))
