@@ -65,6 +65,13 @@ AGGREGATION_THROUGHPUT = Histogram(
 UPDATES = Counter(
     "fedhpc_aggregation_updates_total", "Updates by outcome (rejections by reason).", ["outcome"]
 )
+# Every series exists from the start at 0: increase() cannot see a counter's first increment.
+for _result in ("committed", "failed"):
+    AGGREGATIONS.labels(_result)
+for _outcome in Outcome:
+    UPDATES.labels(_outcome.value)
+for _direction in ("read", "written"):
+    AGGREGATION_BYTES.labels(_direction)
 
 
 def state_model_name(model: str) -> str:

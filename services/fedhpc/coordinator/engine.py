@@ -225,6 +225,7 @@ class Engine:
         busy = False
         running = self._state.experiments(states=("RUNNING", "STOPPING"))
         metrics.EXPERIMENTS_RUNNING.set(len(running))
+        metrics.SITES_ACTIVE.set(self._state.count_sites("ACTIVE"))
         for experiment in running:
             with log_context(experiment=experiment.id):
                 try:

@@ -55,3 +55,9 @@ UPDATE_STALENESS = Histogram(
 SITE_LAST_SEEN = Gauge(
     "fedhpc_site_last_seen_timestamp_seconds", "When a site last returned a result (epoch seconds).", ["site"]
 )
+
+# Every fixed series exists from the start at 0: increase() cannot see a counter's first increment.
+for _outcome in ("succeeded", "failed"):
+    AGGREGATIONS.labels(outcome=_outcome)
+for _state in ("completed", "failed", "stopped"):
+    EXPERIMENTS_FINISHED.labels(state=_state)

@@ -267,6 +267,9 @@ class StateStore:
     def sites(self) -> list[SiteRow]:
         return [_site(r) for r in self._query("SELECT * FROM sites ORDER BY name")]
 
+    def count_sites(self, state: str) -> int:
+        return int(self._query("SELECT COUNT(*) FROM sites WHERE state = ?", (state,))[0][0])
+
     def delete_site(self, name: str) -> bool:
         with self.transaction() as db:
             return db.execute("DELETE FROM sites WHERE name = ?", (name,)).rowcount > 0

@@ -86,6 +86,11 @@ REGISTRY_VERIFY_SECONDS = Histogram(
     "Time to verify an uploaded blob at commit (re-reading it when it bypassed the registry).",
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
+# Every series exists from the start at 0: increase() cannot see a counter's first increment.
+for _outcome in ("committed", "duplicate", "rejected"):
+    REGISTRY_COMMITS.labels(_outcome)
+for _direction in ("in", "out"):
+    REGISTRY_BYTES.labels(_direction)
 
 
 @dataclass(frozen=True)
