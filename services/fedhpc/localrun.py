@@ -244,13 +244,16 @@ def _reap(pid: int) -> None:
 
 
 def stop_site_workers(data_dir: Path) -> None:
-    """Stop every local site worker whose spool is under data_dir/sites (the dispatcher's
-    own shutdown: SIGTERM, then SIGKILL for a worker that ignores it)."""
+    """Stop every local site worker whose spool is under data_dir/sites, and what endpoint
+    engines left under data_dir/endpoint-engine (each backend's own shutdown)."""
     from fedhpc.coordinator.dispatch import SiteSpec, make_dispatcher
 
-    for spool in sorted(p for p in (data_dir / "sites").glob("*") if p.is_dir()):
-        dispatcher = make_dispatcher(SiteSpec(name=spool.name, backend="local"), data_dir)
-        try:
-            dispatcher.shutdown()
-        finally:
-            dispatcher.close()
+    backends = (("sites", "local"), ("endpoint-engine", "endpoint-engine"))
+    for folder, backend in backends:
+        for spool in sorted(p for p in (data_dir / folder).glob("*") if p.is_dir()):
+            # An endpoint engine killed with its coordinator leaves its interchange behind.
+            dispatcher = make_dispatcher(SiteSpec(name=spool.name, backend=backend), data_dir)
+            try:
+                dispatcher.shutdown()
+            finally:
+                dispatcher.close()

@@ -20,10 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-pytest.importorskip("globus_compute_endpoint")
+import globus_compute_endpoint  # noqa: F401  - the hpc extra: a missing package must fail, not skip
 import jsonschema  # a dependency of globus-compute-endpoint
+import pytest
 from globus_compute_endpoint.endpoint.config import CoreEndpointConfig, UserEndpointConfig
 from globus_compute_endpoint.endpoint.config.utils import (
     load_config_yaml,

@@ -3,11 +3,13 @@
 A site is one ``globus_compute_endpoint.engines.GlobusComputeEngine`` (Parsl's
 HighThroughputExecutor behind a Parsl provider: ``LocalProvider`` here, ``PBSProProvider`` or
 ``SlurmProvider`` on a login node) driven directly by the coordinator process. Tasks are packed
-exactly as a Globus Compute endpoint receives them -- the SDK's ``ComputeSerializer`` (the
-function ``fedhpc.trainer.run_task`` by reference, the task document as JSON data) inside a
-messagepack ``Task`` -- and run by the same worker pool, launched through the same container
-command (``apptainer run {options} {image} globus-compute-endpoint python-exec
-parsl.executors.high_throughput.process_worker_pool ...``). Results come back as JSON only.
+exactly as a Globus Compute endpoint receives them from the ``globus-compute`` backend -- the
+function that backend registers (a source shim calling ``fedhpc.trainer.run_task``, as
+``PureSourceTextInspect`` text) and the task document as ``JSONData``, packed by the SDK's
+``ComputeSerializer`` into a messagepack ``Task`` -- and run by the same worker pool, launched
+through the same container command (``apptainer run {options} {image} globus-compute-endpoint
+python-exec parsl.executors.high_throughput.process_worker_pool ...``). Results come back as
+JSON only.
 
 The engine lives in the coordinator process: it starts (in the background) on the first
 submit, is reused for every later task of the site, and stops with ``close``/``shutdown``.
@@ -56,7 +58,6 @@ from fedhpc.coordinator.dispatch.worker import check_task_id, error_result, vali
 
 __all__ = [
     "ENGINE_RESTARTED_MESSAGE",
-    "RUN_TASK",
     "EndpointEngineDispatcher",
     "EndpointEngineSiteConfig",
     "pack_task",
@@ -65,19 +66,16 @@ __all__ = [
 
 log = get_logger(__name__)
 
-#: What the workers run: imported by reference there, so the trainer image must hold fedhpc.
-RUN_TASK = "fedhpc.trainer.runtime:run_task"
 #: The message of a reattached task (the engine, and every task it held, ended with the
 #: coordinator process that ran it).
 ENGINE_RESTARTED_MESSAGE = (
     "the Globus Compute engine restarted with the coordinator: this task ran in the engine of a "
     "previous coordinator process and its result is lost"
 )
-# Import paths the engine accepts on both ends: the function pickled by reference (DillCode)
-# and the task document as JSON; results only as JSON, so the coordinator never unpickles.
-_CODE_STRATEGY = "globus_compute_sdk.serialize.DillCode"
+# What the engine's workers accept: the function as source text and the task document as
+# JSON -- no pickle either way (results come back as JSON only).
+_CODE_STRATEGY = "globus_compute_sdk.serialize.PureSourceTextInspect"
 _JSON_STRATEGY = "globus_compute_sdk.serialize.JSONData"
-_JSON_HEADER = "11\n"  # JSONData.identifier
 _PROVIDERS = {"local": "LocalProvider", "pbspro": "PBSProProvider", "slurm": "SlurmProvider"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A task error's message is capped at 4096 characters; a remote traceback ends with what matters.
@@ -278,20 +276,16 @@ class EndpointEngineDispatcher(Dispatcher):
             for task_id, tracked in list(self._tracked.items()):
                 deadline = tracked.task.deadline
                 if deadline is not None and now > deadline:
-                    where = (
-                        "a worker was running it"
-                        if tracked.phase == "running"
-                        else "it was waiting for a worker"
-                    )
-                    self._finish(
-                        task_id,
-                        _failure(
-                            tracked.task,
-                            ErrorCode.DEADLINE_EXCEEDED,
-                            f"the task's deadline passed {now - deadline:.1f} s ago while {where}; the engine "
-                            "cannot stop it, so its worker stays busy until it ends and its result is dropped",
-                        ),
-                    )
+                    if not tracked.submitted:
+                        where = "the site's engine was starting; it will not run"
+                    else:
+                        where = "a worker was running it" if tracked.phase == "running" else "it was queued"
+                        where += (
+                            "; the engine cannot withdraw it, so it still runs to its end (occupying a "
+                            "worker) and its result is dropped"
+                        )
+                    message = f"the task's deadline passed {now - deadline:.1f} s ago while {where}"
+                    self._finish(task_id, _failure(tracked.task, ErrorCode.DEADLINE_EXCEEDED, message))
             self._usable_engine()  # replaces an engine whose executor gave up
             events, self._events = self._events, []
             return events
@@ -563,16 +557,21 @@ class EndpointEngineDispatcher(Dispatcher):
 
 
 def pack_task(task: TaskSpec, gc_task_id: uuid.UUID) -> bytes:
-    """The messagepack ``Task`` a Globus Compute endpoint would get for ``run_task(task_dict)``:
-    the function by reference, its one argument as JSON data."""
+    """The messagepack ``Task`` a Globus Compute endpoint gets when the ``globus-compute``
+    backend submits ``task``: the function it registers -- source text that imports and calls
+    ``fedhpc.trainer.run_task`` from the site's image (the service stores source registered with
+    ``register_source_code`` as ``PureSourceTextInspect`` text) -- and the task document as its one
+    ``JSONData`` argument. Sharing that shim means these tests run the very function the Globus
+    service would hand a real endpoint."""
     from globus_compute_common import messagepack
-    from globus_compute_sdk.serialize import ComputeSerializer, JSONData
+    from globus_compute_sdk.serialize import ComputeSerializer, JSONData, PureSourceTextInspect
 
-    from fedhpc.trainer.runtime import run_task
+    from fedhpc.coordinator.dispatch.globus_compute import FUNCTION_NAME, FUNCTION_SOURCE
 
     serde = ComputeSerializer(strategy_data=JSONData())  # type: ignore[no-untyped-call]
+    function = f"{PureSourceTextInspect.identifier}{FUNCTION_NAME}:{FUNCTION_SOURCE}"
     buffer = serde.pack_buffers(
-        [serde.serialize(run_task), serde.serialize([json.loads(encode_task(task))]), serde.serialize({})]
+        [function, serde.serialize([json.loads(encode_task(task))]), serde.serialize({})]
     )
     packed: bytes = messagepack.pack(messagepack.message_types.Task(task_id=gc_task_id, task_buffer=buffer))
     return packed
@@ -587,6 +586,7 @@ def result_from_message(task: TaskSpec, packed: bytes, *, engine_failed: bool = 
     the contract, the task id)."""
     from globus_compute_common import messagepack
     from globus_compute_common.messagepack.message_types import Result
+    from globus_compute_sdk.serialize import JSONData
 
     timings = Timings(dispatched_at=task.dispatched_at)
     try:
@@ -602,21 +602,22 @@ def result_from_message(task: TaskSpec, packed: bytes, *, engine_failed: bool = 
     data = message.data if isinstance(message.data, str) else str(message.data)
     if message.is_error:
         code = message.error_details.code if message.error_details is not None else ""
-        text = _tail(data.strip())
+        # The engine frames remote tracebacks with rules of '+' and '-'; they only take room.
+        text = _tail("\n".join(line for line in data.strip().splitlines() if line.strip("+-")))
         if code == "MaxResultSizeExceeded":
             return _failure(
                 task, ErrorCode.RESULT_TOO_LARGE, f"the trainer's result was refused by the worker: {text}"
             )
         if engine_failed:
             return _failure(task, ErrorCode.DISPATCH_FAILED, f"the site's engine failed: {text}")
-        return _failure(task, ErrorCode.TRAINER_CRASHED, f"run_task raised on the worker: {text}")
-    if not data.startswith(_JSON_HEADER):
+        return _failure(task, ErrorCode.TRAINER_CRASHED, f"the task failed on the worker: {text}")
+    if not data.startswith(JSONData.identifier):
         return _failure(
             task,
             ErrorCode.INVALID_RESULT,
             f"the worker's result is not JSON data (serializer header {data[:3]!r})",
         )
-    raw = data[len(_JSON_HEADER) :].encode()
+    raw = data[len(JSONData.identifier) :].encode()
     try:
         return parse_result(validate_output(task.task_id, raw, timings))
     except ContractError as exc:  # validate_output returns valid documents; keep the poll safe anyway
