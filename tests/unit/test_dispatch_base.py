@@ -101,7 +101,11 @@ def test_unknown_backend_names_it_and_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(DispatchError) as info:
         make_dispatcher(SiteSpec(name="s1", backend="kubernetes"), tmp_path)
     message = str(info.value)
-    assert "'kubernetes'" in message and "'s1'" in message and "known backends: endpoint-engine, globus-compute, local" in message
+    assert (
+        "'kubernetes'" in message
+        and "'s1'" in message
+        and "known backends: endpoint-engine, globus-compute, local" in message
+    )
 
 
 @pytest.mark.usefixtures("registry")
