@@ -69,7 +69,12 @@ from fedhpc.coordinator.strategies import (
     make_strategy,
     restore_strategy,
 )
-from fedhpc.coordinator.transfer import GlobusTransferStager, TransferFailed, without_transfer_config
+from fedhpc.coordinator.transfer import (
+    GlobusTransferStager,
+    StagedFile,
+    TransferFailed,
+    without_transfer_config,
+)
 
 log = get_logger("fedhpc.coordinator")
 
@@ -90,6 +95,13 @@ _RETRYABLE = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 )
+
+
+class Pending:
+    """A decision that cannot be carried out yet (its model is still being staged)."""
+
+
+PENDING = Pending()
 
 
 def version_id(round_number: int) -> str:
@@ -161,6 +173,8 @@ class Engine:
         self._inbox: dict[str, list[Event]] = defaultdict(list)
         self._versions: dict[tuple[str, str, bool], tuple[registry_pb2.ModelVersion, float]] = {}
         self._stagers: dict[str, GlobusTransferStager] = {}
+        self._staging: dict[tuple[str, str], Future[StagedFile]] = {}
+        self._stage_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="globus-stage")
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -180,6 +194,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stage_pool.shutdown(wait=False, cancel_futures=True)
         for dispatcher in self._dispatchers.values():
             dispatcher.close()
 
@@ -351,6 +366,9 @@ class Engine:
                 decision = decision_from_dict(data)
                 if isinstance(decision, DispatchTask):
                     record = self._dispatch(experiment, running, seq, decision)
+                    if isinstance(record, Pending):
+                        # Stays in the outbox; the staging thread wakes the loop when done.
+                        continue
                     if record is not None:
                         recorded.append(record)
                     busy = True
@@ -420,9 +438,10 @@ class Engine:
 
     def _dispatch(
         self, experiment: ExperimentRow, running: _Running, seq: int, decision: DispatchTask
-    ) -> Callable[[Any], None] | None:
+    ) -> Callable[[Any], None] | Pending | None:
         """Submit the task; return how to record it (the caller batches these into one
-        transaction), or None when the failure was recorded already."""
+        transaction), PENDING while its model is still being staged, or None when the failure
+        was recorded already."""
         eid = experiment.id
         route = f"{eid}.{decision.task_id}"
         existing = self._state.task(eid, decision.task_id)
@@ -434,8 +453,13 @@ class Engine:
             site = self._state.site(decision.site)
             if site is None:
                 raise LookupError(f"site {decision.site!r} is not registered")
+            staged = None
+            if site.transport == "globus":
+                staged = self._staged_model(experiment, decision, site.config)
+                if staged is None:
+                    return PENDING
             task = self._task_spec(
-                experiment, running.spec, decision, route, site.config, site.transport, now
+                experiment, running.spec, decision, route, site.config, site.transport, now, staged
             )
             with self._lock:
                 self._routes[route] = (eid, decision.task_id)
@@ -529,6 +553,7 @@ class Engine:
         site_config: dict[str, Any],
         transport: str,
         now: float,
+        staged: StagedFile | None = None,
     ) -> TaskSpec:
         ref = common_pb2.ModelRef(model=experiment.model, version=version_id(decision.base_round))
         # A file store has no URLs to hand out: its trainers get local paths instead.
@@ -542,19 +567,8 @@ class Engine:
         local = self._local_path(version.object_key)
         stager = self._stager(decision.site, site_config) if transport == "globus" else None
         if stager is not None:
-            # The site's compute nodes cannot reach the store: Globus Transfer puts the model
-            # into the site's filesystem first (a version staged once serves every task).
-            started = time.time()
-            staged = stager.stage_model(
-                experiment.id,
-                ref.version,
-                version.object_key,
-                version.manifest.sha256,
-                version.manifest.size_bytes,
-            )
-            metrics.TASK_PHASE_SECONDS.labels(site=decision.site, phase="transfer").observe(
-                time.time() - started
-            )
+            if staged is None:
+                raise RuntimeError(f"the model for {decision.task_id} was not staged at {decision.site}")
             source["path"] = staged.local_path
         elif transport == "registry-stream":
             source["registry"] = self._config.trainer_registry_address or self._config.registry_address
@@ -603,6 +617,42 @@ class Engine:
             stager = GlobusTransferStager.for_site(site_config, site=site)
             self._stagers[site] = stager
         return stager
+
+    def _staged_model(
+        self, experiment: ExperimentRow, decision: DispatchTask, site_config: dict[str, Any]
+    ) -> StagedFile | None:
+        """The task's model staged at its site by Globus Transfer, or None while that is under
+        way on a thread of its own (a transfer can take minutes; the loop goes on meanwhile).
+        A failed transfer raises TransferFailed, which fails the dispatch with its reason."""
+        key = (experiment.id, decision.task_id)
+        future = self._staging.get(key)
+        if future is None:
+            ref = common_pb2.ModelRef(model=experiment.model, version=version_id(decision.base_round))
+            version = self._version(ref, presign=False)
+            stager = self._stager(decision.site, site_config)
+            started = time.time()
+
+            def stage() -> StagedFile:
+                staged = stager.stage_model(
+                    experiment.id,
+                    ref.version,
+                    version.object_key,
+                    version.manifest.sha256,
+                    version.manifest.size_bytes,
+                )
+                metrics.TASK_PHASE_SECONDS.labels(site=decision.site, phase="transfer").observe(
+                    time.time() - started
+                )
+                return staged
+
+            future = self._stage_pool.submit(stage)
+            future.add_done_callback(lambda _: self.wake())
+            self._staging[key] = future
+            return None
+        if not future.done():
+            return None
+        del self._staging[key]
+        return future.result()
 
     def _fetch_update(self, task: TaskRow, result: TaskResultDoc) -> TaskResultDoc:
         """For a Globus Transfer site: bring the update from the site into the store; a failed
