@@ -241,6 +241,7 @@ class Engine:
         running = self._state.experiments(states=("RUNNING", "STOPPING"))
         metrics.EXPERIMENTS_RUNNING.set(len(running))
         metrics.SITES_ACTIVE.set(self._state.count_sites("ACTIVE"))
+        self._export_in_flight()
         for experiment in running:
             with log_context(experiment=experiment.id):
                 try:
@@ -250,6 +251,11 @@ class Engine:
                     self._fail(experiment.id, f"internal error: {exc}")
         busy |= self._poll_dispatchers()
         return busy
+
+    def _export_in_flight(self) -> None:
+        counts = self._state.open_task_counts()
+        for site in self._state.sites():
+            metrics.TASKS_IN_FLIGHT.labels(site=site.name).set(counts.get(site.name, 0))
 
     def _step(self, experiment: ExperimentRow) -> bool:
         running = self._running.get(experiment.id) or self._resume(experiment)

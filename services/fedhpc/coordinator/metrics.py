@@ -61,3 +61,6 @@ for _outcome in ("succeeded", "failed"):
     AGGREGATIONS.labels(outcome=_outcome)
 for _state in ("completed", "failed", "stopped"):
     EXPERIMENTS_FINISHED.labels(state=_state)
+TASKS_IN_FLIGHT = Gauge(
+    "fedhpc_tasks_in_flight", "Tasks dispatched to a site and not finished yet (queued included).", ["site"]
+)

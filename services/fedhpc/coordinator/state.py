@@ -267,6 +267,14 @@ class StateStore:
     def sites(self) -> list[SiteRow]:
         return [_site(r) for r in self._query("SELECT * FROM sites ORDER BY name")]
 
+    def open_task_counts(self) -> dict[str, int]:
+        """Unfinished tasks per site, over every experiment."""
+        marks = ", ".join("?" for _ in TERMINAL_PHASES)
+        rows = self._query(
+            f"SELECT site, COUNT(*) AS n FROM tasks WHERE phase NOT IN ({marks}) GROUP BY site", TERMINAL_PHASES
+        )
+        return {r["site"]: int(r["n"]) for r in rows}
+
     def count_sites(self, state: str) -> int:
         return int(self._query("SELECT COUNT(*) FROM sites WHERE state = ?", (state,))[0][0])
 
