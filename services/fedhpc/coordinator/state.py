@@ -271,7 +271,8 @@ class StateStore:
         """Unfinished tasks per site, over every experiment."""
         marks = ", ".join("?" for _ in TERMINAL_PHASES)
         rows = self._query(
-            f"SELECT site, COUNT(*) AS n FROM tasks WHERE phase NOT IN ({marks}) GROUP BY site", TERMINAL_PHASES
+            f"SELECT site, COUNT(*) AS n FROM tasks WHERE phase NOT IN ({marks}) GROUP BY site",
+            TERMINAL_PHASES,
         )
         return {r["site"]: int(r["n"]) for r in rows}
 
