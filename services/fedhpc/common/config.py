@@ -323,6 +323,13 @@ def _key_path(loc: tuple[int | str, ...], data: Any) -> tuple[int | str, ...]:
     return tuple(path)
 
 
+def errors_by_key(error: ValidationError, root: str = "(all)") -> str:
+    """One line naming every bad key: ``a.b: message; c: message`` (``root`` for the whole document)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in item['loc']) or root}: {item['msg']}" for item in error.errors()
+    )
+
+
 def format_validation_error(
     error: ValidationError,
     source: str,

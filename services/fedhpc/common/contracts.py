@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedhpc.common.config import errors_by_key
+
 TASK_SCHEMA = "fedhpc.task/v1"
 RESULT_SCHEMA = "fedhpc.result/v1"
 # DESIGN.md: results are small JSON; the limit also keeps them far below Globus Compute's 10 MB.
@@ -180,14 +182,6 @@ class TaskResultDoc(_Contract):
         return self.error is None
 
 
-def _format(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(document)"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def encode_task(task: TaskSpec) -> str:
     return task.model_dump_json(by_alias=True, exclude_none=True)
 
@@ -198,7 +192,7 @@ def parse_task(data: str | bytes | dict[str, Any]) -> TaskSpec:
             return TaskSpec.model_validate(data)
         return TaskSpec.model_validate_json(data)
     except ValidationError as exc:
-        raise ContractError(f"invalid task: {_format(exc)}") from exc
+        raise ContractError(f"invalid task: {errors_by_key(exc, '(document)')}") from exc
 
 
 def encode_result(result: TaskResultDoc) -> str:
@@ -220,7 +214,7 @@ def parse_result(data: str | bytes | dict[str, Any]) -> TaskResultDoc:
     try:
         return TaskResultDoc.model_validate_json(raw)
     except ValidationError as exc:
-        raise ContractError(f"invalid result: {_format(exc)}") from exc
+        raise ContractError(f"invalid result: {errors_by_key(exc, '(document)')}") from exc
 
 
 def failure_result(

@@ -37,6 +37,14 @@ def timestamp_now() -> Timestamp:
     return stamp
 
 
+def timestamp_at(seconds: float | None) -> Timestamp:
+    """A Timestamp for epoch seconds; unset (zero) for None or 0."""
+    stamp = Timestamp()
+    if seconds:
+        stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
 def tensor_infos(blob: VerifiedBlob) -> list[common_pb2.TensorInfo]:
     """Manifest tensor records (file order) for a verified blob."""
     return [

@@ -27,7 +27,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from fedhpc.api.v1 import aggregator_pb2, aggregator_pb2_grpc, common_pb2, coordinator_pb2, registry_pb2
 from fedhpc.common.config import CoordinatorConfig, StoreConfig
@@ -41,6 +40,7 @@ from fedhpc.common.contracts import (
     UpdateTarget,
 )
 from fedhpc.common.logging import get_logger, log_context
+from fedhpc.common.manifest import timestamp_at
 from fedhpc.common.registry_client import RegistryClient
 from fedhpc.common.storage import ObjectStore
 from fedhpc.coordinator import metrics
@@ -87,6 +87,7 @@ _PHASES = {
     "uploading": "UPLOADING",
 }
 _FAILED_PHASE = {ErrorCode.DEADLINE_EXCEEDED: "TIMED_OUT", ErrorCode.CANCELLED: "CANCELLED"}
+SITE_EXPORT_INTERVAL_S = 1.0
 _FINISH_STATES = {"completed": "COMPLETED", "failed": "FAILED", "stopped": "STOPPED"}
 # Transient aggregator failures are retried after this long; the decision stays in the outbox.
 _AGGREGATE_RETRY_S = 2.0
@@ -107,13 +108,6 @@ PENDING = Pending()
 def version_id(round_number: int) -> str:
     """The registry version a round produces: exactly one per round (r0000 is the initial model)."""
     return f"r{round_number:04d}"
-
-
-def _timestamp(seconds: float | None) -> Timestamp:
-    stamp = Timestamp()
-    if seconds:
-        stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def decision_to_dict(decision: Decision) -> dict[str, Any]:
@@ -174,6 +168,7 @@ class Engine:
         self._versions: dict[tuple[str, str, bool], tuple[registry_pb2.ModelVersion, float]] = {}
         self._stagers: dict[str, GlobusTransferStager] = {}
         self._staging: dict[tuple[str, str], Future[StagedFile]] = {}
+        self._next_site_export = 0.0
         self._stage_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="globus-stage")
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -240,8 +235,11 @@ class Engine:
         busy = False
         running = self._state.experiments(states=("RUNNING", "STOPPING"))
         metrics.EXPERIMENTS_RUNNING.set(len(running))
-        metrics.SITES_ACTIVE.set(self._state.count_sites("ACTIVE"))
-        self._export_in_flight()
+        if time.monotonic() >= self._next_site_export:
+            # Gauges for scrapes every few seconds: not worth three queries on every pass.
+            self._next_site_export = time.monotonic() + SITE_EXPORT_INTERVAL_S
+            metrics.SITES_ACTIVE.set(self._state.count_sites("ACTIVE"))
+            self._export_in_flight()
         for experiment in running:
             with log_context(experiment=experiment.id):
                 try:
@@ -819,7 +817,7 @@ class Engine:
                 accepted_updates=len(accepted),
                 rejected_updates=len(rejected),
             )
-            summary.finished_at.CopyFrom(_timestamp(now))
+            summary.finished_at.CopyFrom(timestamp_at(now))
             self._event(db, eid, now, round_finished=coordinator_pb2.RoundFinished(summary=summary))
 
         metrics.AGGREGATIONS.labels(outcome="succeeded").inc()
@@ -1042,7 +1040,7 @@ class Engine:
     # -- events for watchers ----------------------------------------------------------------
     def _event(self, db: Any, eid: str, now: float, **payload: Any) -> None:
         event = coordinator_pb2.ExperimentEvent(experiment_id=eid, **payload)
-        event.time.CopyFrom(_timestamp(now))
+        event.time.CopyFrom(timestamp_at(now))
         StateStore.append_event(db, eid, now, event.SerializeToString())
 
     def _task_event(

@@ -18,9 +18,10 @@ from fedhpc.api.v1 import coordinator_pb2, coordinator_pb2_grpc
 from fedhpc.common.auth import Role, principal_from_context
 from fedhpc.common.contracts import MAX_RESULT_BYTES, ContractError, parse_result
 from fedhpc.common.logging import get_logger
+from fedhpc.common.manifest import timestamp_at
 from fedhpc.coordinator import metrics
 from fedhpc.coordinator.dispatch import SiteSpec, known_backends
-from fedhpc.coordinator.engine import Engine, _timestamp
+from fedhpc.coordinator.engine import Engine
 from fedhpc.coordinator.spec import SpecError, parse_spec
 from fedhpc.coordinator.state import ExperimentRow, SiteRow, StateStore, TaskRow
 from fedhpc.coordinator.transfer import GlobusTransferConfig
@@ -336,14 +337,14 @@ def experiment_proto(row: ExperimentRow, state: StateStore) -> coordinator_pb2.E
             rejected_updates=r.rejected,
             metrics=r.metrics,
         )
-        summary.started_at.CopyFrom(_timestamp(r.started_at))
+        summary.started_at.CopyFrom(timestamp_at(r.started_at))
         if r.finished_at:
-            summary.finished_at.CopyFrom(_timestamp(r.finished_at))
-    experiment.created_at.CopyFrom(_timestamp(row.created_at))
+            summary.finished_at.CopyFrom(timestamp_at(r.finished_at))
+    experiment.created_at.CopyFrom(timestamp_at(row.created_at))
     if row.started_at:
-        experiment.started_at.CopyFrom(_timestamp(row.started_at))
+        experiment.started_at.CopyFrom(timestamp_at(row.started_at))
     if row.finished_at:
-        experiment.finished_at.CopyFrom(_timestamp(row.finished_at))
+        experiment.finished_at.CopyFrom(timestamp_at(row.finished_at))
     return experiment
 
 
@@ -405,9 +406,9 @@ def _site_proto(row: SiteRow) -> coordinator_pb2.Site:
         state=coordinator_pb2.SiteState.Value(f"SITE_STATE_{row.state}"),
         labels=row.labels,
     )
-    site.created_at.CopyFrom(_timestamp(row.created_at))
+    site.created_at.CopyFrom(timestamp_at(row.created_at))
     if row.last_seen:
-        site.last_seen.CopyFrom(_timestamp(row.last_seen))
+        site.last_seen.CopyFrom(timestamp_at(row.last_seen))
     return site
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedhpc.common.config import errors_by_key
 from fedhpc.coordinator.strategies import StrategyConfig, strategy_config_from_dict
 
 # The aggregator owns the math; the coordinator only checks the name early so a typo fails
@@ -98,14 +99,6 @@ class ExperimentSpec(_Spec):
         return strategy_config_from_dict(value) if isinstance(value, dict) else value
 
 
-def _format(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(spec)"
-        lines.append(f"{where}: {err['msg']}")
-    return "; ".join(lines)
-
-
 def parse_spec(text: str) -> ExperimentSpec:
     """Parse and validate a YAML spec; SpecError names each bad key."""
     try:
@@ -117,6 +110,6 @@ def parse_spec(text: str) -> ExperimentSpec:
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_format(exc)) from exc
+        raise SpecError(errors_by_key(exc, "(spec)")) from exc
     except ValueError as exc:  # strategy_config_from_dict's own errors
         raise SpecError(f"strategy: {exc}") from exc

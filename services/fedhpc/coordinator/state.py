@@ -229,9 +229,15 @@ class StateStore:
         return _experiment(rows[0]) if rows else None
 
     def experiments(self, states: tuple[str, ...] | None = None) -> list[ExperimentRow]:
-        rows = self._query("SELECT * FROM experiments ORDER BY created_at, id")
-        found = [_experiment(r) for r in rows]
-        return [e for e in found if states is None or e.state in states]
+        if states is None:
+            rows = self._query("SELECT * FROM experiments ORDER BY created_at, id")
+        else:
+            # The engine asks for the running ones on every pass: leave the rest in the database.
+            marks = ", ".join("?" for _ in states)
+            rows = self._query(
+                f"SELECT * FROM experiments WHERE state IN ({marks}) ORDER BY created_at, id", states
+            )
+        return [_experiment(r) for r in rows]
 
     @staticmethod
     def update_experiment(db: sqlite3.Connection, experiment_id: str, **fields: Any) -> None:

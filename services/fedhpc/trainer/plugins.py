@@ -25,6 +25,8 @@ from typing import Any, Generic, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from fedhpc.common.config import errors_by_key
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "EvalOutput",
@@ -137,14 +139,6 @@ class EvalOutput:
 # -- the plugin base class -------------------------------------------------------------------------
 
 
-def _format_validation(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(all)"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -158,7 +152,7 @@ def validate_model(
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        raise error(f"invalid {what}: {_format_validation(exc)}") from exc
+        raise error(f"invalid {what}: {errors_by_key(exc)}") from exc
 
 
 class TaskPlugin(ABC, Generic[H]):
