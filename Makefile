@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml setup.py services/fedhpc/aggregator/_kernels.c | $(PY)
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)

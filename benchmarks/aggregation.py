@@ -77,15 +77,28 @@ Options:
                     peak_rss_ratio_n16_vs_n4, fedhpc_vs_bandwidth, targets, bandwidth,
                     outputs_agree (+ disagreements), all_ran (+ failures) and per-case
                     figures under "cases" (anchor fields are null with --skip-anchors)
-  --workdir DIR     where the synthetic files go [/dev/shm if present (RAM: no disk noise),
-                    else the system temp dir]; removed at the end
+  --warmup W        untimed calls of the same method in the same process before the timed
+                    one, for every method [0]: 0 is the one-shot figure (a fresh process
+                    whose every page is touched for the first time inside the timer), W >= 1
+                    the steady state of a long-running server. On virtual machines that hand
+                    freed memory back to the host, first touches are slow (here ~0.3 GB/s
+                    against ~8 GB/s for memory freed a moment ago), which mostly costs the
+                    methods that allocate per call (Flower's aggregate: about 2 x N x model).
+  --workdir DIR     where the synthetic files go [the system temp dir]; removed at the end.
+                    Every file is written and synced before any run, and every run starts
+                    after a sync, so only page-cache reads are timed, never disk I/O or an
+                    earlier run's writeback. A disk-backed file system is the realistic
+                    place (an aggregator's spool is on local disk); tmpfs (/dev/shm) reads
+                    more slowly on kernels that keep tmpfs files in 4 KiB pages (here, with
+                    shmem_enabled=never: ~12.6 against ~19.6 GB/s for pread into a buffer).
   --skip-anchors    do not install or run Flower and APPFL (fedhpc, its checks and the
                     bandwidth reference still run)
   --anchors-venv D  the anchors' virtual environment [benchmarks/.anchors-venv]
   --timeout S       seconds allowed to one run of one method [1800]
 
-Memory: the files live in --workdir (on /dev/shm that is RAM: (N + 2) x P x 4 bytes), and
-the anchors hold every client's weights at once (Flower's aggregate copies them once more).
+Memory: the files live in --workdir ((N + 2) x P x 4 bytes, in the page cache while the case
+runs; on tmpfs that is RAM), and the anchors hold every client's weights at once (Flower's
+aggregate copies them once more).
 
     python benchmarks/aggregation.py --params 25M,100M --clients 4,16 --json
     python benchmarks/aggregation.py --params 2M --clients 2,3 --skip-anchors --repeat 1
@@ -378,6 +391,7 @@ def write_case(case_dir: Path, params: int, clients: int) -> tuple[Path, list[di
         path = case_dir / f"update-{k}.safetensors"
         blob = write_synthetic_model(path, megabytes, seed=1 + k)
         updates.append({"path": str(path), "num_samples": 100 + 37 * k, "sha256": blob.sha256})
+    os.sync()  # on disk now: no writeback of the inputs runs during a timed call
     return base, updates
 
 
@@ -389,6 +403,7 @@ def run_case(
     pythons: dict[str, Path | str],
     repeat: int,
     timeout: float,
+    warmup: int = 0,
 ) -> dict[str, Any]:
     case_dir = work / f"{label(params)}-x{clients}"
     log(f"case {label(params)} params x {clients} clients: writing the synthetic base and updates ...")
@@ -410,7 +425,8 @@ def run_case(
         for round_ in range(repeat):
             for method in methods:
                 out = case_dir / f"out-{method.name}.safetensors"
-                spec = {"base": str(base), "updates": updates, "out": str(out)}
+                spec = {"base": str(base), "updates": updates, "out": str(out), "warmup": warmup}
+                os.sync()  # the previous run's output is written back before this run starts
                 log(f"  [{round_ + 1}/{repeat}] {method.name} ...")
                 result = run_runner(pythons[method.name], method.name, method.runner, spec, timeout)
                 runs[method.name].append(result)
@@ -418,7 +434,9 @@ def run_case(
                     log(f"    {method.name} FAILED: {result['error'][:300]}")
                     out.unlink(missing_ok=True)
                     continue
-                log(f"    {result['seconds']:.3f} s, peak RSS {result['peak_rss_mib']:.0f} MiB")
+                kernel = result.get("extra", {}).get("fused_kernel")
+                note = "" if kernel is None else (" (fused C kernel)" if kernel else " (torch path)")
+                log(f"    {result['seconds']:.3f} s, peak RSS {result['peak_rss_mib']:.0f} MiB{note}")
                 if method.name == "fedhpc":
                     continue
                 if not reference_out.exists():
@@ -530,10 +548,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per method and case; the best counts [3]")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
     parser.add_argument(
-        "--workdir",
-        default="/dev/shm" if Path("/dev/shm").is_dir() else None,
-        help="where the synthetic files go [/dev/shm if present, else the temp dir]",
+        "--warmup",
+        type=int,
+        default=0,
+        help="untimed calls before the timed one, every method, same process [0: one-shot]",
     )
+    parser.add_argument("--workdir", default=None, help="where the synthetic files go [the system temp dir]")
     parser.add_argument("--skip-anchors", action="store_true", help="do not install or run Flower and APPFL")
     parser.add_argument(
         "--anchors-venv", type=Path, default=DEFAULT_ANCHORS_VENV, help="anchors venv [%(default)s]"
@@ -549,6 +569,8 @@ def main() -> int:
         parser.error("--params and --clients need at least one value each")
     if args.repeat <= 0:
         parser.error("--repeat must be positive")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
 
     methods = [m for m in METHODS if not (args.skip_anchors and m.anchor)]
     pythons: dict[str, Path | str] = {m.name: sys.executable for m in METHODS if not m.anchor}
@@ -578,7 +600,9 @@ def main() -> int:
         work = Path(tmp)
         for params in params_list:
             for clients in clients_list:
-                case = run_case(params, clients, work, methods, pythons, args.repeat, args.timeout)
+                case = run_case(
+                    params, clients, work, methods, pythons, args.repeat, args.timeout, args.warmup
+                )
                 for name in ANCHORS:
                     case["methods"].setdefault(name, None)
                 finish_case(case, bandwidth)
@@ -656,6 +680,7 @@ def main() -> int:
             "anchor_versions": anchor_versions,
             "skip_anchors": args.skip_anchors,
             "repeat": args.repeat,
+            "warmup": args.warmup,
             "workdir": args.workdir or tempfile.gettempdir(),
             "cases": cases,
         }

@@ -4,7 +4,7 @@
 #
 #   docker build -f containers/control-plane.Dockerfile -t fedhpc/control-plane:0.1.0 .
 #
-# Build context: the repository root (pyproject.toml, README.md and services/ are copied).
+# Build context: the repository root (pyproject.toml, setup.py, README.md and services/ are copied).
 # The heredoc below needs BuildKit (Docker >= 23 uses it by default; the syntax line pins the
 # Dockerfile frontend to 1.7).
 #
@@ -36,6 +36,13 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
+# A C compiler for the aggregator's fused kernel (fedhpc.aggregator._kernels, setup.py); only
+# in this stage: the runtime stage copies the built venv.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
@@ -48,13 +55,14 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 # Dependencies change less often than code, but pyproject.toml lists them and the package is
 # built from services/: copy both, then install (not editable) with the HPC dispatchers.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY services ./services
 # The project itself; its dependencies are pinned/ranged in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install ".[hpc]" \
  && fedhpc --version \
- && python -c "import torch, fedhpc.trainer.tasks.digits; print('torch', torch.__version__)"
+ && python -c "import torch, fedhpc.trainer.tasks.digits; print('torch', torch.__version__)" \
+ && python -c "import fedhpc.aggregator._kernels"
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -52,7 +52,9 @@ def main() -> None:
         aggregator.set_client_sample_size(client_id, n)
         local_models[client_id] = {name: torch.from_numpy(a) for name, a in local.items()}
     del base
-    new_global, measurement = measure(lambda: aggregator.aggregate(local_models))
+    new_global, measurement = measure(
+        lambda: aggregator.aggregate(local_models), warmups=spec.get("warmup", 0)
+    )
     save_result(spec["out"], {k: v.numpy() for k, v in new_global.items()})
     extra: dict[str, Any] = {
         "appfl": appfl.__version__,

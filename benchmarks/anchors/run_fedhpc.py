@@ -4,7 +4,8 @@ Methods (spec "method"):
 
   fedhpc          aggregate() over FileReaders of the base and update files, FedAvg, checksums
                   off. Timed: opening the files, the whole aggregation (reading every update
-                  from its file, summing, writing the new model to spec "out"), closing them.
+                  from its file, summing, writing the new model to a new file spec "out"), closing
+                  them. A file left at spec "out" by an earlier run is removed before the timer.
   fedhpc-sha256   the same with verify_checksums=True and each update's expected sha256: every
                   update file is hashed (read once more) before aggregating.
   bandwidth       the memory bandwidth reference: ``dst += src`` on two warm, reused float32
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 
 from fedhpc.aggregator.algorithms import make_algorithm  # noqa: E402
 from fedhpc.aggregator.core import (  # noqa: E402
+    FUSED_KERNEL_AVAILABLE,
     AggregationOptions,
     AggregationResult,
     FileReader,
@@ -56,7 +58,12 @@ def run_fedhpc(spec: dict[str, Any], *, verify: bool) -> None:
             for reader in [base, *readers]:
                 reader.close()
 
-    result, measurement = measure(call)
+    def remove_output() -> None:
+        # The previous call's result (or the previous run's): deleting it is not this call's
+        # work, and opening it with truncation would be (ext4 then starts writeback on close).
+        Path(spec["out"]).unlink(missing_ok=True)
+
+    result, measurement = measure(call, warmups=spec.get("warmup", 0), before_each=remove_output)
     if result.accepted != len(spec["updates"]):
         sys.exit(f"fedhpc rejected updates: {[o.outcome.value for o in result.outcomes]}")
     timing = result.timing
@@ -70,6 +77,7 @@ def run_fedhpc(spec: dict[str, Any], *, verify: bool) -> None:
             "aggregate_total_s": timing.total_s,
             "bytes_read": timing.bytes_read,
             "threads": options.threads,
+            "fused_kernel": FUSED_KERNEL_AVAILABLE,
         },
     )
 

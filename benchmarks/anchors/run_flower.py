@@ -38,7 +38,7 @@ def main() -> None:
             ([local[name] for name in names], n) for n, local in full_local_weights(spec, base)
         ]
         del base
-        weights, measurement = measure(lambda: aggregate(results))
+        weights, measurement = measure(lambda: aggregate(results), warmups=spec.get("warmup", 0))
     elif method == "flower-inplace":
         fit_results: list[tuple[Any, FitRes]] = []
         for n, local in full_local_weights(spec, base):
@@ -50,7 +50,7 @@ def main() -> None:
                 (None, FitRes(status=status, parameters=parameters, num_examples=n, metrics={}))
             )
         del base
-        weights, measurement = measure(lambda: aggregate_inplace(fit_results))
+        weights, measurement = measure(lambda: aggregate_inplace(fit_results), warmups=spec.get("warmup", 0))
     else:
         sys.exit(f"unknown method {method!r}")
     save_result(spec["out"], dict(zip(names, weights, strict=True)))

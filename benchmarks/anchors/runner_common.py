@@ -3,7 +3,10 @@
 A runner is started as ``python RUNNER SPEC_JSON`` in a fresh process. SPEC_JSON is::
 
     {"method": "...", "base": "base.safetensors", "out": "out.safetensors",
-     "updates": [{"path": "u0.safetensors", "num_samples": 100, "sha256": "..."}, ...]}
+     "updates": [{"path": "u0.safetensors", "num_samples": 100, "sha256": "..."}, ...],
+     "warmup": 0}
+
+("warmup": untimed calls before the timed one, see measure().)
 
 The runner prepares its inputs (untimed), then calls :func:`measure` around exactly the call
 being benchmarked, writes its result, and prints ONE JSON line (the last line of stdout)::
@@ -81,8 +84,22 @@ class Measurement:
         return max(0.0, self.call_peak_rss_mib - self.rss_before_mib)
 
 
-def measure(call: Callable[[], T]) -> tuple[T, Measurement]:
-    """Run call() once, timed, with the RSS probes around it."""
+def measure(
+    call: Callable[[], T], *, warmups: int = 0, before_each: Callable[[], None] | None = None
+) -> tuple[T, Measurement]:
+    """Run call() once, timed, with the RSS probes around it.
+
+    With warmups > 0 (spec "warmup"), call() first runs that many times untimed, so the timed
+    call finds memory the process has already touched: the steady state of a long-running
+    server, where the one-shot figure includes first-touch page faults. before_each() runs
+    untimed before every call (e.g. removing the previous call's output file).
+    """
+    for _ in range(warmups):
+        if before_each is not None:
+            before_each()
+        call()
+    if before_each is not None:
+        before_each()
     gc.collect()
     peak_before = hwm_mib()
     before = rss_mib()

@@ -1,4 +1,8 @@
-"""The streaming aggregation core against a plain in-memory reference, and every way an update can be bad."""
+"""The streaming aggregation core against a plain in-memory reference, and every way an update can be bad.
+
+Every test runs twice: with the fused C kernel (fedhpc.aggregator._kernels) and with the
+torch path it replaces where the kernel is not built.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedhpc.aggregator import core
 from fedhpc.aggregator.algorithms import make_algorithm
 from fedhpc.aggregator.core import (
     AggregationOptions,
@@ -25,6 +30,20 @@ from fedhpc.aggregator.core import (
 from fedhpc.common.tensors import write_safetensors_file
 
 _RUNS = itertools.count()
+
+
+@pytest.fixture(autouse=True, params=["fused-kernel", "torch-path"])
+def accumulation_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "fused-kernel":
+        if not core.FUSED_KERNEL_AVAILABLE:
+            pytest.skip(
+                "fedhpc.aggregator._kernels is not built (tests/unit/test_aggregator_kernels.py fails then)"
+            )
+    else:
+        monkeypatch.setattr(core, "FUSED_KERNEL_AVAILABLE", False)
+    return str(request.param)
+
+
 SHAPES = {"conv.weight": (8, 3, 3, 3), "conv.bias": (8,), "fc.weight": (10, 300), "fc.bias": (10,)}
 
 

@@ -1,0 +1,3 @@
+from typing_extensions import Buffer
+
+def accumulate(acc: Buffer, x: Buffer, weight: float, first: bool, x_dtype: str, /) -> float: ...
