@@ -47,9 +47,7 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint16_t u16x4 __attribute__((vector_size(8)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef uint32_t u32x4 __attribute__((vector_size(16)));
 
 static inline float bf16_to_f32(uint16_t bits) {
     uint32_t widened = (uint32_t)bits << 16;
@@ -69,21 +67,6 @@ static inline f32x8 load8_bf16(const void *x, size_t i) {
     memcpy(&half, (const uint16_t *)x + i, sizeof half);
     u32x8 wide = __builtin_convertvector(half, u32x8) << 16;
     f32x8 v;
-    memcpy(&v, &wide, sizeof v);
-    return v;
-}
-
-static inline f32x4 load4_f32(const void *x, size_t i) {
-    f32x4 v;
-    memcpy(&v, (const float *)x + i, sizeof v);
-    return v;
-}
-
-static inline f32x4 load4_bf16(const void *x, size_t i) {
-    u16x4 half;
-    memcpy(&half, (const uint16_t *)x + i, sizeof half);
-    u32x4 wide = __builtin_convertvector(half, u32x4) << 16;
-    f32x4 v;
     memcpy(&v, &wide, sizeof v);
     return v;
 }
@@ -137,8 +120,9 @@ KERNEL_CLONES static double acc_f64(double *restrict acc, const void *restrict x
     f64x4 s0 = {0}, s1 = {0};
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        f32x4 h0 = bf16 ? load4_bf16(x, i) : load4_f32(x, i);
-        f32x4 h1 = bf16 ? load4_bf16(x, i + 4) : load4_f32(x, i + 4);
+        f32x8 h = bf16 ? load8_bf16(x, i) : load8_f32(x, i);
+        f32x4 h0 = __builtin_shufflevector(h, h, 0, 1, 2, 3);
+        f32x4 h1 = __builtin_shufflevector(h, h, 4, 5, 6, 7);
         f64x4 v0 = __builtin_convertvector(h0, f64x4), v1 = __builtin_convertvector(h1, f64x4);
         f64x4 a0 = w * v0, a1 = w * v1;
         if (!first) {

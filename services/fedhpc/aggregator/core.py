@@ -511,10 +511,8 @@ def _rewind(sink: BinaryIO) -> None:
     makes close() start writeback of everything written since (auto_da_alloc), ~0.1 s per
     400 MB on the critical path of every call."""
     if sink.seek(0, os.SEEK_END) > 0:
-        sink.seek(0)
-        sink.truncate()
-    else:
-        sink.seek(0)
+        sink.truncate(0)
+    sink.seek(0)
 
 
 def _one_pass(
@@ -735,13 +733,14 @@ class _FloatTensorJob:
                 self.base.readinto(base_at, buffer.view[: n * base_size])
                 base_c.copy_(buffer.tensor(self.entry.dtype, n))
             unchecked = False  # some update was summed without its own finiteness check
+            # numpy carries the float format the kernel reads; one view per chunk, not per update.
+            acc_array = cast("Buffer", acc_c.numpy()) if self.fused else None
             for j, (update, own) in enumerate(zip(self.updates, self.own, strict=True)):
                 size = _TORCH_DTYPES[own.dtype].itemsize
                 raw = buffer.view[: n * size]
                 update.reader.readinto(own.begin + start * size, raw)
                 part = buffer.tensor(own.dtype, n)
-                if self.fused and own.dtype in _FUSED_DTYPES and not update.full_weights:
-                    acc_array = cast("Buffer", acc_c.numpy())  # numpy carries the float format
+                if acc_array is not None and own.dtype in _FUSED_DTYPES and not update.full_weights:
                     square = _kernels.accumulate(acc_array, raw, self.weights[j], j == 0, own.dtype)
                     square = self._checked_square(square, j, part)
                     if self.norms:
